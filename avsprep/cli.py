@@ -1,0 +1,176 @@
+"""`avsprep`: the command line of the preprocessing stages. It parses arguments and calls the library."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from avsprep.errors import InputError
+
+EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def exits_cleanly_on_bad_input(command):
+    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InputError as error:
+            click.echo(f"avsprep: error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+class ProgressBar:
+    """A click progress bar created on the first update, when the total is known."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = click.progressbar(length=total, label=self.label, file=sys.stderr)
+            self.bar.__enter__()
+        self.bar.update(done)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """Audio-visual segmentation data preparation: labelImg/AVSBench inputs to HDF5 shards."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option("--clips", default=600, show_default=True, type=click.IntRange(1))
+@click.option("--num-classes", default=5, show_default=True, type=click.IntRange(3))
+@click.option("--size", default=224, show_default=True, type=click.IntRange(16), help="Frame side in pixels.")
+@click.option("--frames-per-clip", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--sources", default="1", type=click.Choice(["1", "2"]), help="Sounding objects per scene (2: MS3-style).")
+@click.option("--difficulty", default="easy", type=click.Choice(["easy", "hard"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--yolo", is_flag=True, help="Also write labelImg YOLO txt files and classes.txt.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1))
+@exits_cleanly_on_bad_input
+def synth(out, clips, num_classes, size, frames_per_clip, sources, difficulty, seed, yolo, workers):
+    """Generate synthetic AVS clips: two+ objects per scene, only the sounding one is the target."""
+    from avsprep.synth import SynthConfig, generate
+
+    config = SynthConfig(out=out, clips=clips, num_classes=num_classes, size=size, frames_per_clip=frames_per_clip,
+                         sources=int(sources), difficulty=difficulty, seed=seed, yolo=yolo, workers=workers)
+    with click.progressbar(length=clips, label="synth clips", file=sys.stderr) as bar:
+        summary = generate(config, progress=bar.update)
+    click.echo(f"wrote {clips} clips to {out} ({summary})")
+
+
+@main.command()
+@click.option("--voc", type=EXISTING_DIR, help="labelImg Pascal VOC XML folder (searched recursively).")
+@click.option("--yolo", type=EXISTING_DIR, help="labelImg YOLO txt folder with classes.txt.")
+@click.option("--images", type=EXISTING_DIR, help="Frames, found by file name recursively (default: next to the XML).")
+@click.option("--masks", type=EXISTING_DIR, help="Ground-truth masks, found by frame stem recursively.")
+@click.option("--other-masks", type=EXISTING_DIR, help="Masks of the visible non-sounding object (swap test).")
+@click.option("--audio", type=EXISTING_DIR, help="Audio, <clip>.wav found recursively.")
+@click.option("--meta", type=EXISTING_FILE, help="Metadata CSV (name, category, split, other_category).")
+@click.option("--classes", type=EXISTING_FILE, help="Class list, one name per line (e.g. labelImg classes.txt).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Shard folder.")
+@click.option("--trust-xml-paths", is_flag=True, help="Allow reading frames from the XML's <path>.")
+@click.option("--clip-pattern", default="<clip>_<k>", show_default=True, help="How frame stems name clip and index.")
+@click.option("--frames-per-clip", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--pad-short-clips", is_flag=True, help="Repeat the last frame of clips with fewer than T frames.")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Frame and mask side.")
+@click.option("--crop-size", default=224, show_default=True, type=click.IntRange(8), help="Crop side.")
+@click.option("--max-boxes", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--embedder", default="logmel-stats", show_default=True, type=click.Choice(["logmel-stats", "vggish"]))
+@click.option("--vggish-weights", type=EXISTING_FILE, help="Local VGGish weights (public PyTorch port layout).")
+@click.option("--vggish-pca", type=EXISTING_FILE, help="Local VGGish PCA parameters: apply PCA postprocessing.")
+@click.option("--clips-per-shard", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--val-fraction", default=0.0, show_default=True, type=float, help="Used when there is no --meta split.")
+@click.option("--test-fraction", default=0.0, show_default=True, type=float)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --val/--test-fraction split.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Processes.")
+@click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1), help="Split the work into K parts.")
+@click.option("--part-index", default=0, show_default=True, type=click.IntRange(0), help="Which part this run writes.")
+@click.option("--on-error", default="error", show_default=True, type=click.Choice(["error", "skip"]),
+              help="Stop at the first bad clip (exit 2), or skip bad clips and report them.")
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression (default: none).")
+@exits_cleanly_on_bad_input
+def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trust_xml_paths, clip_pattern,
+          frames_per_clip, pad_short_clips, size, crop_size, max_boxes, embedder, vggish_weights, vggish_pca,
+          clips_per_shard, val_fraction, test_fraction, seed, workers, num_parts, part_index, on_error, compression):
+    """Annotations + frames + masks + audio -> HDF5 shards and manifest.json."""
+    from avsprep.clips import SourceOptions
+    from avsprep.crops import CropsConfig, run_crops
+
+    sources = SourceOptions(voc=voc, yolo=yolo, images=images, masks=masks, other_masks=other_masks, audio=audio,
+                            meta=meta, classes=classes, trust_xml_paths=trust_xml_paths, clip_pattern=clip_pattern,
+                            frames_per_clip=frames_per_clip, pad_short_clips=pad_short_clips,
+                            val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
+    config = CropsConfig(out=out, size=size, crop_size=crop_size, max_boxes=max_boxes, embedder=embedder,
+                         vggish_weights=vggish_weights, vggish_pca=vggish_pca, clips_per_shard=clips_per_shard,
+                         workers=workers, num_parts=num_parts, part_index=part_index, on_error=on_error,
+                         compression=compression)
+    bar = ProgressBar("clips")
+    try:
+        result = run_crops(sources, config, progress=bar)
+    finally:
+        bar.close()
+    manifest = result.manifest
+    click.echo(f"{manifest['clips']} clips in {len(manifest['shards'])} shards at {out} "
+               f"({result.written} written, {result.reused} already complete); splits {manifest['splits']}")
+    if manifest["report"]:
+        click.echo("report: " + ", ".join(f"{key} {value}" for key, value in manifest["report"].items()))
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} clips for bad input:")
+        for skip in result.skipped:
+            click.echo(f"  {skip['clip']}: {skip['error']}")
+
+
+@main.command()
+@click.argument("shards", type=EXISTING_DIR)
+@click.option("--verify", is_flag=True, help="Recheck checksums and shapes; exit 1 on any mismatch.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@exits_cleanly_on_bad_input
+def inspect(shards, verify, as_json):
+    """Clips per split and class, shapes, dtypes, embedder, sizes on disk."""
+    from avsprep.shards import summarize, verify as verify_shards
+
+    summary = summarize(shards)
+    problems = None
+    if verify:
+        with click.progressbar(length=summary["shards"], label="verifying shards", file=sys.stderr) as bar:
+            problems = verify_shards(shards, progress=bar.update)
+        summary["verify"] = {"ok": not problems, "problems": problems}
+    if as_json:
+        click.echo(json.dumps(summary, indent=1, ensure_ascii=False))
+    else:
+        click.echo(f"{summary['clips']} clips in {summary['shards']} shards, "
+                   f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk, embedder {summary['embedder']}, "
+                   f"T={summary['frames_per_clip']}")
+        for split, per_class in summary["clips_per_split_and_class"].items():
+            click.echo(f"  {split:5s} {sum(per_class.values()):6d}  " + ", ".join(f"{k} {v}" for k, v in per_class.items()))
+        for key, spec in summary["shapes"].items():
+            click.echo(f"  {key:12s} {spec['dtype']:8s} {spec['shape']}")
+        if summary["skipped"]:
+            click.echo(f"  {summary['skipped']} clips were skipped for bad input (see manifest.json)")
+        if problems is not None:
+            click.echo("verify: ok" if not problems else "verify: FAILED\n" + "\n".join(f"  {p}" for p in problems))
+    if problems:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

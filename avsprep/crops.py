@@ -1,0 +1,290 @@
+"""The `avsprep crops` stage: turn each clip's files into arrays and write them as shards.
+
+Per clip: frames and masks resized to `size`; per frame the crop of the sounding object's box (the union of the
+sounding boxes when there are several) resized to `crop_size`; boxes normalised to [0, 1]; the audio as one
+embedding per second. Shards are the unit of work: each is written whole by one process under a temporary
+name and renamed when complete, so a re-run after a crash redoes only the shards that are missing.
+"""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import torch
+
+from avsprep import audio as audio_lib
+from avsprep.annotations import Box, clip_box, parse_yolo
+from avsprep.clips import ClipSource, SourceOptions, discover
+from avsprep.errors import InputError
+from avsprep import shards as shard_io
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CropsConfig:
+    """Everything `avsprep crops` needs besides the inputs' locations."""
+
+    out: Path
+    size: int = 224
+    crop_size: int = 224
+    max_boxes: int = 4
+    embedder: str = "logmel-stats"
+    vggish_weights: Path | None = None
+    vggish_pca: Path | None = None
+    clips_per_shard: int = 64
+    workers: int = 1
+    num_parts: int = 1
+    part_index: int = 0
+    on_error: str = "error"  # "error": stop at the first bad clip (exit 2); "skip": skip it and count it
+    compression: str | None = None  # None or "gzip"/"lzf"; off by default: decode time costs more than disk
+
+
+@dataclass
+class ClipRecord:
+    """One clip as arrays (T frames, S = size, c = crop_size, K = max_boxes, C = classes)."""
+
+    name: str
+    split: str
+    frames: np.ndarray  # [T,S,S,3] uint8 RGB
+    masks: np.ndarray  # [T,S,S] uint8, 0/1
+    mask_valid: np.ndarray  # [T] bool
+    crops: np.ndarray  # [T,c,c,3] uint8 RGB
+    crop_valid: np.ndarray  # [T] bool
+    boxes: np.ndarray  # [T,K,4] float32 normalised xyxy, NaN padded
+    audio: np.ndarray  # [T,128] float32
+    label: int  # primary class, -1: none
+    sounding: np.ndarray  # [C] bool
+    other_masks: np.ndarray | None  # [T,S,S] uint8, 0/1
+    other_label: int
+    report: Counter = field(default_factory=Counter)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as RGB uint8 [H,W,3] (grayscale, 16-bit and RGBA are converted). InputError if unreadable."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError(path, "cannot read image (missing, truncated or not an image)")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """A mask PNG as 0/1 uint8 [H,W]: any non-zero pixel is object (covers 0/255 and palette masks)."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise InputError(path, "cannot read mask image")
+    return (mask > 0).astype(np.uint8)
+
+
+def resize(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
+    """Resize to size x size: area interpolation for pictures, nearest for masks (which must stay 0/1)."""
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    return cv2.resize(image, (size, size), interpolation=cv2.INTER_NEAREST if nearest else cv2.INTER_AREA)
+
+
+def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """`image[ymin:ymax, xmin:xmax]` resized to size x size. box = (xmin, ymin, xmax, ymax) in pixel edges."""
+    xmin, ymin, xmax, ymax = box
+    return resize(np.ascontiguousarray(image[ymin:ymax, xmin:xmax]), size)
+
+
+def union_box(boxes: list[Box]) -> tuple[int, int, int, int]:
+    return (min(b.xmin for b in boxes), min(b.ymin for b in boxes), max(b.xmax for b in boxes), max(b.ymax for b in boxes))
+
+
+class ClipBuilder:
+    """Builds ClipRecords; one per process, because it holds the audio embedder."""
+
+    def __init__(self, config: CropsConfig, classes: list[str], frames_per_clip: int, has_other_masks: bool):
+        self.config = config
+        self.classes = classes
+        self.class_index = {name: i for i, name in enumerate(classes)}
+        self.T = frames_per_clip
+        self.has_other_masks = has_other_masks
+        self.embedder = audio_lib.make_embedder(config.embedder, config.vggish_weights, config.vggish_pca)
+
+    def build(self, clip: ClipSource) -> ClipRecord:
+        """Read, crop, resize and embed one clip. Raises InputError naming the offending file."""
+        S, c, K, T = self.config.size, self.config.crop_size, self.config.max_boxes, self.T
+        report: Counter = Counter()
+        frames = np.zeros((T, S, S, 3), np.uint8)
+        masks = np.zeros((T, S, S), np.uint8)
+        mask_valid = np.zeros(T, bool)
+        crops = np.zeros((T, c, c, 3), np.uint8)
+        crop_valid = np.zeros(T, bool)
+        boxes = np.full((T, K, 4), np.nan, np.float32)
+        other_masks = np.zeros((T, S, S), np.uint8) if self.has_other_masks else None
+        box_names: Counter = Counter()
+        decoded: dict[Path, np.ndarray] = {}  # padded clips repeat a frame: decode it once
+        for t, frame in enumerate(clip.frames):
+            if frame.image not in decoded:
+                decoded[frame.image] = read_image(frame.image)
+            image = decoded[frame.image]
+            height, width = image.shape[:2]
+            frames[t] = resize(image, S)
+            frame_boxes = self._frame_boxes(frame, width, height, report)
+            box_names.update(box.name for box in frame_boxes)
+            if frame_boxes:
+                crops[t] = crop_and_resize(image, union_box(frame_boxes), c)
+                crop_valid[t] = True
+                if len(frame_boxes) > K:
+                    report["boxes_dropped"] += len(frame_boxes) - K
+                for k, box in enumerate(frame_boxes[:K]):
+                    boxes[t, k] = (box.xmin / width, box.ymin / height, box.xmax / width, box.ymax / height)
+            if frame.mask is not None:
+                masks[t] = resize(read_mask(frame.mask), S, nearest=True)
+                mask_valid[t] = True
+            if other_masks is not None and frame.other_mask is not None:
+                other_masks[t] = resize(read_mask(frame.other_mask), S, nearest=True)
+        report["frames_padded"] += clip.padded_frames
+
+        if clip.audio is not None:
+            examples, padded = audio_lib.clip_examples(clip.audio, T)
+            audio_embedding = self.embedder.embed(examples).astype(np.float32)
+            report["audio_padded_seconds"] += padded
+            report["audio_padded_clips"] += bool(padded)
+        else:
+            audio_embedding = np.zeros((T, 128), np.float32)
+
+        sounding = np.zeros(len(self.classes), bool)
+        for name in (*box_names, *clip.sounding_categories, *([clip.category] if clip.category else [])):
+            if name in self.class_index:
+                sounding[self.class_index[name]] = True
+        if clip.category in self.class_index:
+            label = self.class_index[clip.category]
+        elif box_names:
+            # The most frequent box class; ties go to the first name in sorted order, so runs agree.
+            label = self.class_index[min(box_names, key=lambda n: (-box_names[n], n))]
+        else:
+            label = -1
+        return ClipRecord(
+            name=clip.name, split=clip.split, frames=frames, masks=masks, mask_valid=mask_valid, crops=crops,
+            crop_valid=crop_valid, boxes=boxes, audio=audio_embedding, label=label, sounding=sounding,
+            other_masks=other_masks, other_label=self.class_index.get(clip.other_category or "", -1), report=report,
+        )
+
+    def _frame_boxes(self, frame, width: int, height: int, report: Counter) -> list[Box]:
+        annotation = frame.annotation
+        if annotation is None and frame.yolo_file is not None:
+            annotation = parse_yolo(frame.yolo_file, self.classes, frame.image.name, width, height)
+        if annotation is None:
+            return []
+        if annotation.width is not None and (annotation.width, annotation.height) != (width, height):
+            raise InputError(annotation.source, f"<size> says {annotation.width}x{annotation.height} "
+                                                f"but {frame.image.name} is {width}x{height}")
+        clipped_boxes = []
+        for box in annotation.boxes:
+            clipped, was_clipped = clip_box(box, width, height, annotation.source)
+            report["boxes_clipped"] += was_clipped
+            clipped_boxes.append(clipped)
+        return clipped_boxes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the stage: plan shards, build the missing ones in worker processes, write the manifest.
+
+_worker: dict = {}
+
+
+def _init_worker(config, classes, frames_per_clip, has_other_masks, progress) -> None:
+    """Set up a process: its own embedder, one thread (the processes are the parallelism)."""
+    if config.workers > 1:
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
+    _worker["builder"] = ClipBuilder(config, classes, frames_per_clip, has_other_masks)
+    _worker["progress"] = progress.put if hasattr(progress, "put") else progress  # a Queue in worker processes
+
+
+def _write_shard(task: shard_io.ShardPlan) -> shard_io.ShardInfo:
+    builder: ClipBuilder = _worker["builder"]
+    records, skipped = [], []
+    for clip in task.clips:
+        try:
+            records.append(builder.build(clip))
+        except InputError as error:
+            if builder.config.on_error != "skip":
+                raise
+            skipped.append({"clip": clip.name, "error": str(error)})
+        _worker["progress"](1)
+    return shard_io.write_shard(task, records, skipped, builder.config.compression)
+
+
+@dataclass
+class CropsResult:
+    manifest: dict
+    written: int  # shards written in this run
+    reused: int  # complete shards found from an earlier run
+    skipped: list[dict]  # clips skipped for bad input: {"clip", "error"}
+
+
+def run_crops(sources: SourceOptions, config: CropsConfig,
+              progress: Callable[[int, int], None] | None = None) -> CropsResult:
+    """Build the shards of this part (`num_parts`/`part_index`) into `config.out` and write its manifest.
+
+    With on_error="error" the first bad clip raises InputError (shards completed so far stay, and a re-run
+    resumes); with "skip" bad clips are left out and listed in the result and the manifest.
+    `progress(newly_done, total)` is called as clips complete (counts of clips).
+    """
+    if config.on_error not in ("error", "skip"):
+        raise InputError(None, f"--on-error must be 'error' or 'skip', not {config.on_error!r}")
+    if not 0 <= config.part_index < config.num_parts:
+        raise InputError(None, f"--part-index must lie in 0..{config.num_parts - 1}")
+    found = discover(sources)
+    if found.problems and config.on_error != "skip":
+        raise next(iter(found.problems.values()))
+    discovery_skips = [{"clip": name, "error": str(error)} for name, error in found.problems.items()]
+    if not found.clips:
+        raise InputError(sources.voc or sources.yolo, "no usable clips found")
+
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = shard_io.ShardSettings(
+        frames_per_clip=sources.frames_per_clip, size=config.size, crop_size=config.crop_size,
+        max_boxes=config.max_boxes, classes=found.classes, embedder=config.embedder,
+        has_other_masks=sources.other_masks is not None, has_audio=sources.audio is not None,
+    )
+    plans = shard_io.plan_shards(found.clips, out, settings, config.clips_per_shard,
+                                 config.num_parts, config.part_index)
+    shard_io.remove_stale_temporaries(out)
+    done = {plan.index: info for plan in plans if (info := shard_io.complete_shard(plan)) is not None}
+    todo = [plan for plan in plans if plan.index not in done]
+    total = sum(plan.clips_planned for plan in plans)
+    report_progress = (lambda n: progress(n, total)) if progress else (lambda n: None)
+    report_progress(sum(plan.clips_planned for plan in plans if plan.index in done))
+    log.info("%d shards to write, %d already complete", len(todo), len(done))
+
+    init_args = (config, found.classes, sources.frames_per_clip, settings.has_other_masks)
+    if config.workers <= 1 or len(todo) <= 1:
+        _init_worker(*init_args, report_progress)
+        for plan in todo:
+            info = _write_shard(plan)
+            done[info.index] = info
+    else:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+        progress_queue = context.Queue()
+        with context.Pool(min(config.workers, len(todo)), initializer=_init_worker,
+                          initargs=(*init_args, progress_queue)) as pool:
+            pending = pool.map_async(_write_shard, todo, chunksize=1)
+            while not pending.ready():
+                try:
+                    report_progress(progress_queue.get(timeout=0.2))
+                except queue.Empty:
+                    pass
+            for info in pending.get():  # re-raises a worker's InputError here
+                done[info.index] = info
+            while not progress_queue.empty():
+                report_progress(progress_queue.get())
+
+    infos = [done[plan.index] for plan in plans]
+    manifest = shard_io.write_manifest(out, settings, infos, config.clips_per_shard, config.num_parts,
+                                       config.part_index, discovery_skips)
+    skipped = discovery_skips + [s for info in infos for s in info.skipped]
+    return CropsResult(manifest=manifest, written=len(todo), reused=len(plans) - len(todo), skipped=skipped)

@@ -1,0 +1,16 @@
+"""The one error type for bad user input.
+
+Library code raises `InputError("<file>: <problem>")`; the CLIs turn it into a one-line message and exit code 2.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class InputError(Exception):
+    """Bad input: a file that is missing, unreadable or malformed. The message names the file."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = None if path is None else Path(path)
+        self.problem = problem
+        super().__init__(problem if path is None else f"{path}: {problem}")
