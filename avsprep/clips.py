@@ -148,11 +148,10 @@ def assign_splits(names: list[str], val_fraction: float, test_fraction: float, s
 
 
 def _frame_key(stem: str, regex: re.Pattern, frames_per_clip: int) -> tuple[str, int] | None:
+    if frames_per_clip == 1:
+        return stem, 1  # a plain image set: every image is a clip of its own, whatever its name
     match = regex.match(stem)
-    if match:
-        return match["clip"], int(match["k"])
-    # A plain image set (T = 1): every image is a clip of its own.
-    return (stem, 1) if frames_per_clip == 1 else None
+    return (match["clip"], int(match["k"])) if match else None
 
 
 def discover(options: SourceOptions) -> Discovery:
