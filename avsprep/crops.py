@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import queue
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,6 @@ from typing import Callable
 
 import cv2
 import numpy as np
-import torch
 
 from avsprep import audio as audio_lib
 from avsprep.annotations import Box, clip_box, parse_yolo
@@ -198,7 +198,8 @@ def _init_worker(config, classes, frames_per_clip, has_other_masks, progress) ->
     """Set up a process: its own embedder, one thread (the processes are the parallelism)."""
     if config.workers > 1:
         cv2.setNumThreads(1)
-        torch.set_num_threads(1)
+        if "torch" in sys.modules:  # only the VGGish embedder uses torch; don't import it for nothing
+            sys.modules["torch"].set_num_threads(1)
     _worker["builder"] = ClipBuilder(config, classes, frames_per_clip, has_other_masks)
     _worker["progress"] = progress.put if hasattr(progress, "put") else progress  # a Queue in worker processes
 
@@ -268,7 +269,9 @@ def run_crops(sources: SourceOptions, config: CropsConfig,
             info = _write_shard(plan)
             done[info.index] = info
     else:
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch threads
+        # fork: workers start at once with the modules already imported. The parent never runs torch ops,
+        # so there is no thread pool to inherit in a broken state.
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         progress_queue = context.Queue()
         with context.Pool(min(config.workers, len(todo)), initializer=_init_worker,
                           initargs=(*init_args, progress_queue)) as pool:
