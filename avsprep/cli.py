@@ -74,7 +74,8 @@ def synth(out, clips, num_classes, size, frames_per_clip, sources, difficulty, s
                          sources=int(sources), difficulty=difficulty, seed=seed, yolo=yolo, workers=workers)
     with click.progressbar(length=clips, label="synth clips", file=sys.stderr) as bar:
         summary = generate(config, progress=bar.update)
-    click.echo(f"wrote {clips} clips to {out} ({summary})")
+    click.echo(f"wrote {summary.clips} clips to {out} in {summary.seconds:.1f} s; splits {summary.per_split}; "
+               f"sounding classes {summary.per_class}")
 
 
 @main.command()
@@ -131,8 +132,9 @@ def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trus
     manifest = result.manifest
     click.echo(f"{manifest['clips']} clips in {len(manifest['shards'])} shards at {out} "
                f"({result.written} written, {result.reused} already complete); splits {manifest['splits']}")
-    if manifest["report"]:
-        click.echo("report: " + ", ".join(f"{key} {value}" for key, value in manifest["report"].items()))
+    counted = {key: value for key, value in manifest["report"].items() if value}
+    if counted:
+        click.echo("report: " + ", ".join(f"{key} {value}" for key, value in counted.items()))
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} clips for bad input:")
         for skip in result.skipped:

