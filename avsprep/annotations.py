@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,4 +185,9 @@ def find_annotation_files(root: Path, suffix: str) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         raise InputError(root, "annotation directory does not exist")
-    return sorted(p for p in root.rglob(f"*{suffix}") if p.is_file() and p.name != "classes.txt")
+    found = []
+    for directory, subdirectories, filenames in os.walk(root):
+        subdirectories.sort()
+        found.extend(Path(directory, name) for name in sorted(filenames)
+                     if name.endswith(suffix) and name != "classes.txt")
+    return found

@@ -106,7 +106,7 @@ def dataset_checksum(values: np.ndarray) -> str:
     if values.dtype.kind in "OSU":
         data = "\0".join(v.decode() if isinstance(v, bytes) else str(v) for v in values.tolist()).encode()
     else:
-        data = np.ascontiguousarray(values).tobytes()
+        data = np.ascontiguousarray(values).reshape(-1).view(np.uint8)  # the raw bytes, without a copy
     return hashlib.sha256(data).hexdigest()
 
 

@@ -1,0 +1,773 @@
+"""Synthetic audio-visual segmentation benchmark (`avsprep synth`, DESIGN §9).
+
+Every scene shows two or more objects of different classes; only the sounding one is the target, so a model that
+ignores the audio cannot beat about 0.5 mIoU. Each class has a look (shape, colour; a texture in hard mode) and a
+sound (a band-limited harmonic complex or a band of noise, each in its own mel region, amplitude-modulated at a class
+rate), so the class is plain from a 0.96 s log-mel while nothing in the picture says which object sounds:
+
+* every object's size, position, motion and rotation come from the same distributions;
+* the classes shown are a random ordered draw, and the list order is the drawing order (back to front), so either
+  object may occlude the other;
+* the sounding object(s) are picked uniformly *after* the geometry is final, so no placement or visibility rule
+  can correlate with being the target.
+
+``difficulty="hard"`` adds object textures, more frequent partial occlusion, one more visible object and an
+off-screen class's sound mixed in about 10 dB below the target. ``sources=2`` gives MS3-style scenes: two sounding
+objects, their sounds mixed, plus a visible silent one.
+
+Output (``out/``, AVSBench S4 layout plus labelImg annotations)::
+
+    meta.csv                                           name,category,split,other_category,sounding_categories
+    scenes.csv                                         name,split,visible_categories,distractor_category
+    info.json                                          generator config and class specs (deterministic)
+    visual_frames/<split>/<category>/<name>/<name>_<k>.png   k = 1..T
+    gt_masks/<split>/<category>/<name>/<name>_<k>.png        0/255, visible pixels of the sounding object(s)
+    other_masks/<split>/<category>/<name>/<name>_<k>.png     0/255, visible pixels of the silent object `other_category`
+    audio_wav/<split>/<category>/<name>.wav                  16 kHz mono PCM_16, T + 0.05 s
+    labels/<split>/<category>/<name>/<name>_<k>.xml          labelImg VOC, one <object> per sounding object
+    yolo/<split>/<category>/<name>/<name>_<k>.txt, yolo/classes.txt   (yolo=True only)
+
+Determinism: clip i draws everything from ``np.random.default_rng([seed, 1, i])``, so the bytes of every file depend on
+the seed and the configuration only (not on ``workers`` nor on where ``out`` is). Each file is written to a hidden
+temporary name and renamed, so an interrupted run never leaves a truncated file under its final name. ``info.json`` is
+written first and ``meta.csv`` last: a folder with ``meta.csv`` is complete. Re-running into a folder whose
+``info.json`` matches rewrites every file with identical bytes (finishing an interrupted run); any other non-empty
+folder is refused rather than mixed with foreign files.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+import soundfile as sf
+from lxml import etree
+
+from avsprep.errors import InputError
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16_000
+SPLITS = ("train", "val", "test")
+MAX_CLASSES = 12
+#: Audio is written this much longer than T seconds, so a reader framing T whole seconds never runs short.
+AUDIO_TAIL_S = 0.05
+#: RMS of a written clip and of `render_class_audio` output (about -20 dBFS: headroom for PCM_16).
+SOURCE_RMS = 0.1
+
+# Seed streams: clip i uses [seed, _CLIP_STREAM, i]; the split permutation uses [seed, _SPLIT_STREAM].
+_SPLIT_STREAM = 0
+_CLIP_STREAM = 1
+
+# Class looks, most distinct first: the default five classes take the first five colours and shapes.
+_COLOURS: tuple[tuple[str, tuple[int, int, int]], ...] = (
+    ("red", (220, 40, 40)), ("blue", (40, 90, 230)), ("yellow", (235, 215, 40)), ("green", (40, 170, 60)),
+    ("magenta", (215, 50, 215)), ("cyan", (40, 210, 225)), ("orange", (245, 135, 30)), ("purple", (120, 60, 190)),
+    ("pink", (250, 150, 190)), ("brown", (130, 75, 30)), ("lime", (165, 235, 60)), ("navy", (25, 35, 120)),
+)
+_SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "arrow", "bar")
+_TEXTURES = ("stripes", "checker", "dots", "waves")
+
+#: Object size: side of the square with the object's area, as a fraction of the frame side. Bounding boxes then span
+#: about 20-45 % of the frame, big enough to segment after resizing to 64-96 px.
+_SIZE_RANGE = (0.20, 0.32)
+#: Displacement over the whole clip (fraction of the frame side) and rotation (degrees).
+_MOVE_RANGE = (0.02, 0.10)
+_TILT_RANGE = 20.0
+_SPIN_RANGE = 15.0
+#: Objects keep this many pixels away from the frame edge, so a tight box never touches it (no labelImg clamping).
+_EDGE_MARGIN_PX = 2
+_MAX_PLACEMENT_TRIES = 500
+
+
+@dataclass(frozen=True)
+class _Difficulty:
+    extra_objects: int              # visible silent objects beyond the one every scene has
+    min_visible: float              # each object keeps this fraction of its pixels visible in every frame
+    near_probability: float         # chance that an object is placed overlapping an earlier one (occlusion)
+    textured: bool                  # textured objects and a busier background
+    distractor_db: float | None     # level of an off-screen class's sound relative to the target
+    snr_db: tuple[float, float]     # target-to-background-noise ratio range
+    pixel_noise: tuple[float, float]  # per-frame Gaussian pixel noise sigma range (0-255 scale)
+
+
+_DIFFICULTY = {
+    "easy": _Difficulty(0, 0.75, 0.0, False, None, (20.0, 30.0), (2.0, 6.0)),
+    "hard": _Difficulty(1, 0.45, 0.6, True, -10.0, (12.0, 20.0), (5.0, 12.0)),
+}
+
+
+# ----------------------------------------------------------------------------------------------- classes
+
+
+@dataclass(frozen=True)
+class ClassSpec:
+    """What a class looks and sounds like. `index` is the position of `name` in sorted order."""
+
+    index: int
+    name: str
+    shape: str
+    colour_rgb: tuple[int, int, int]
+    texture: str                    # used in hard mode only
+    sound: str                      # "harmonic" (band-limited harmonic complex) or "noise" (band of noise)
+    band_hz: tuple[float, float]    # all of the class's sound energy lies in this band
+    pitch_hz: float                 # harmonic: fundamental; partials are its multiples inside the band
+    partials: tuple[int, ...]       # harmonic: partial numbers; empty for noise
+    am_hz: float                    # amplitude-modulation rate
+
+
+def _hz_to_mel(hz: float) -> float:
+    """HTK mel scale, the one VGGish's log-mel uses."""
+    return 1127.0 * math.log1p(hz / 700.0)
+
+
+def _mel_to_hz(mel: float) -> float:
+    return 700.0 * math.expm1(mel / 1127.0)
+
+
+def _sound_bands(num_classes: int) -> list[tuple[float, float]]:
+    """Disjoint bands, equally wide in mel between 200 Hz and 6 kHz (inside VGGish's 125-7500 Hz), with guard gaps
+    so that two classes never share a mel bin: classes stay separable even when mixed (MS3, distractor)."""
+    lo, hi = _hz_to_mel(200.0), _hz_to_mel(6000.0)
+    width = (hi - lo) / num_classes
+    guard = 0.2 * width
+    return [
+        (round(_mel_to_hz(lo + k * width + guard), 1), round(_mel_to_hz(lo + (k + 1) * width - guard), 1))
+        for k in range(num_classes)
+    ]
+
+
+def _check_num_classes(num_classes: int) -> None:
+    if not 3 <= num_classes <= MAX_CLASSES:
+        raise ValueError(f"num_classes must be between 3 and {MAX_CLASSES}, got {num_classes}")
+
+
+def class_specs(num_classes: int) -> list[ClassSpec]:
+    """The class list of a synthetic set with `num_classes` classes, in index order (= sorted by name, the order in
+    which `avsprep crops` numbers classes, so YOLO ids and shard labels agree)."""
+    _check_num_classes(num_classes)
+    looks = sorted((f"{_COLOURS[k][0]}_{_SHAPES[k % len(_SHAPES)]}", k) for k in range(num_classes))
+    bands = _sound_bands(num_classes)
+    specs = []
+    for index, (name, k) in enumerate(looks):
+        lo, hi = bands[index]
+        harmonic = index % 2 == 0   # neighbouring bands alternate between tone and noise
+        pitch = round((hi - lo) / 3.5, 1) if harmonic else 0.0
+        partials = tuple(range(math.ceil(lo / pitch), math.floor(hi / pitch) + 1)) if harmonic else ()
+        specs.append(ClassSpec(
+            index=index, name=name, shape=_SHAPES[k % len(_SHAPES)], colour_rgb=_COLOURS[k][1],
+            texture=_TEXTURES[k % len(_TEXTURES)], sound="harmonic" if harmonic else "noise",
+            band_hz=(lo, hi), pitch_hz=pitch, partials=partials, am_hz=2.0 + 0.75 * index,
+        ))
+    return specs
+
+
+def class_names(num_classes: int) -> list[str]:
+    """Class names in index order (sorted)."""
+    return [spec.name for spec in class_specs(num_classes)]
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass
+class SynthConfig:
+    """Options of `avsprep synth`, one field per command-line option."""
+
+    out: Path
+    clips: int = 600
+    num_classes: int = 5
+    size: int = 224
+    frames_per_clip: int = 5
+    sources: int = 1                # 1: S4-style, 2: MS3-style (two sounding objects, mixed audio)
+    difficulty: str = "easy"        # "easy" | "hard"
+    seed: int = 0
+    yolo: bool = False
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        self.out = Path(self.out)
+
+    @property
+    def visible_objects(self) -> int:
+        """Objects in every scene: the sounding ones, one silent one, and one more silent one in hard mode."""
+        return self.sources + 1 + _DIFFICULTY[self.difficulty].extra_objects
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad option."""
+        if self.difficulty not in _DIFFICULTY:
+            raise ValueError(f"difficulty must be one of {sorted(_DIFFICULTY)}, got {self.difficulty!r}")
+        if self.sources not in (1, 2):
+            raise ValueError(f"sources must be 1 or 2, got {self.sources}")
+        _check_num_classes(self.num_classes)
+        # One class must always be off screen: the hard-mode distractor and the evaluation's off-screen audio need it.
+        if self.num_classes < self.visible_objects + 1:
+            raise ValueError(f"num_classes must be at least {self.visible_objects + 1} for sources={self.sources} "
+                             f"and difficulty={self.difficulty!r} (scenes show {self.visible_objects} classes and "
+                             f"one more must be off screen), got {self.num_classes}")
+        if self.clips < 1:
+            raise ValueError(f"clips must be at least 1, got {self.clips}")
+        if self.size < 32:
+            raise ValueError(f"size must be at least 32 pixels, got {self.size}")
+        if self.frames_per_clip < 1:
+            raise ValueError(f"frames_per_clip must be at least 1, got {self.frames_per_clip}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+
+
+@dataclass
+class SynthSummary:
+    """What `generate` wrote."""
+
+    out: Path
+    clips: int
+    per_split: dict[str, int]
+    per_class: dict[str, int]                  # clips by category (the primary sounding class)
+    per_split_class: dict[str, dict[str, int]]
+    meta_csv: Path
+    info_json: Path
+    seconds: float
+
+
+# ----------------------------------------------------------------------------------------------- scenes
+
+
+def _unit_outline(shape: str) -> np.ndarray | None:
+    """Polygon vertices (x, y; y down) of `shape` scaled to unit area; None for the round shapes."""
+    if shape in ("circle", "ring"):
+        return None
+    if shape == "square":
+        pts = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
+    elif shape == "triangle":
+        pts = [(math.cos(a), math.sin(a)) for a in np.radians([-90, 30, 150])]
+    elif shape == "star":
+        pts = [((1.0 if i % 2 == 0 else 0.45) * math.cos(a), (1.0 if i % 2 == 0 else 0.45) * math.sin(a))
+               for i, a in enumerate(np.radians(np.arange(10) * 36 - 90))]
+    elif shape == "cross":
+        w = 0.34
+        pts = [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w),
+               (-w, -w)]
+    elif shape == "arrow":
+        pts = [(-1, -0.3), (0.2, -0.3), (0.2, -0.7), (1, 0), (0.2, 0.7), (0.2, 0.3), (-1, 0.3)]
+    elif shape == "bar":
+        pts = [(-1, -0.35), (1, -0.35), (1, 0.35), (-1, 0.35)]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    poly = np.asarray(pts, dtype=np.float64)
+    x, y = poly[:, 0], poly[:, 1]
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
+    return poly / math.sqrt(area)
+
+
+_RING_INNER = 0.55   # inner radius of a ring as a fraction of the outer one
+_OUTLINES = {shape: _unit_outline(shape) for shape in _SHAPES}
+#: Unit-area radii of the round shapes (outer radius for the ring).
+_ROUND_RADIUS = {"circle": 1 / math.sqrt(math.pi), "ring": 1 / math.sqrt(math.pi * (1 - _RING_INNER ** 2))}
+#: Farthest point from the centre of each unit-area shape: keeps objects inside the frame under any rotation.
+_EXTENT = {shape: (_ROUND_RADIUS[shape] if _OUTLINES[shape] is None
+                   else float(np.hypot(_OUTLINES[shape][:, 0], _OUTLINES[shape][:, 1]).max()))
+           for shape in _SHAPES}
+
+
+@dataclass(frozen=True, eq=False)
+class SceneObject:
+    """One object over the T frames of a clip; positions are fractions of the frame side."""
+
+    class_index: int
+    shape: str
+    size: float                 # side of the square with the object's area (fraction of the frame side)
+    centres: np.ndarray         # [T, 2] x, y
+    angles: np.ndarray          # [T] rotation, degrees
+    shade_rgb: np.ndarray       # [3] float, this object's version of its class colour
+    texture_angle: float        # degrees, relative to the object
+    texture_period: float       # texture period in units of `size`
+    texture_phase: float        # in periods
+
+
+@dataclass(frozen=True, eq=False)
+class Scene:
+    """A clip's content before rendering. `objects` is in drawing order (back to front)."""
+
+    objects: tuple[SceneObject, ...]
+    sounding: tuple[int, ...]           # indices into `objects`; sounding[0] is the clip's category
+    other: int                          # index of the silent object reported as other_category
+    distractor_class: int | None        # off-screen class whose sound is mixed in (hard mode)
+    full_masks: np.ndarray              # [objects, T, H, W] bool: each object's whole shape
+    visible_masks: np.ndarray           # same, minus what objects drawn later cover
+
+
+def _rasterise(obj: SceneObject, size: int) -> np.ndarray:
+    """[T, size, size] bool mask of the whole object in each frame."""
+    frames = np.zeros((len(obj.centres), size, size), dtype=np.uint8)
+    scale = obj.size * size
+    shift = 4   # sub-pixel vertex precision (1/16 px), so slow motion is smooth rather than stepping whole pixels
+    one = 1 << shift
+    outline = _OUTLINES[obj.shape]
+    for t, ((cx, cy), angle) in enumerate(zip(obj.centres * size, obj.angles)):
+        mask = frames[t]
+        if outline is None:
+            centre = (int(round(cx * one)), int(round(cy * one)))
+            radius = _ROUND_RADIUS[obj.shape] * scale
+            cv2.circle(mask, centre, int(round(radius * one)), 1, thickness=-1, lineType=cv2.LINE_8, shift=shift)
+            if obj.shape == "ring":
+                cv2.circle(mask, centre, int(round(radius * _RING_INNER * one)), 0, thickness=-1,
+                           lineType=cv2.LINE_8, shift=shift)
+        else:
+            a = math.radians(angle)
+            rotation = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+            pts = outline @ rotation.T * scale + (cx, cy)
+            cv2.fillPoly(mask, [np.round(pts * one).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=shift)
+    return frames.astype(bool)
+
+
+def _visible(full: np.ndarray) -> np.ndarray:
+    """Visible part of each object given drawing order = axis 0 order (later objects cover earlier ones)."""
+    visible = np.empty_like(full)
+    covered = np.zeros_like(full[0])
+    for i in range(len(full) - 1, -1, -1):
+        visible[i] = full[i] & ~covered
+        covered |= full[i]
+    return visible
+
+
+def _sample_object(rng: np.random.Generator, spec: ClassSpec, placed: list[SceneObject], difficulty: _Difficulty,
+                   size: int, frames: int) -> SceneObject:
+    """One object with size, path and rotation drawn from the distributions every object shares."""
+    obj_size = rng.uniform(*_SIZE_RANGE)
+    reach = _EXTENT[spec.shape] * obj_size + _EDGE_MARGIN_PX / size    # centre range that keeps it inside
+    lo, hi = reach, 1.0 - reach
+    if placed and rng.random() < difficulty.near_probability:
+        # Overlap an earlier object on purpose (hard mode): either may end up in front, as drawing order is random.
+        anchor = placed[int(rng.integers(len(placed)))]
+        anchor_reach = _EXTENT[anchor.shape] * anchor.size
+        distance = (reach + anchor_reach) * rng.uniform(0.35, 0.75)
+        heading = rng.uniform(0.0, 2 * math.pi)
+        start = anchor.centres[0] + distance * np.array([math.cos(heading), math.sin(heading)])
+    else:
+        start = rng.uniform(lo, hi, size=2)
+    start = np.clip(start, lo, hi)
+    heading = rng.uniform(0.0, 2 * math.pi)
+    end = np.clip(start + rng.uniform(*_MOVE_RANGE) * np.array([math.cos(heading), math.sin(heading)]), lo, hi)
+    progress = np.linspace(0.0, 1.0, frames)
+    tilt = rng.uniform(-_TILT_RANGE, _TILT_RANGE)
+    spin = rng.uniform(-_SPIN_RANGE, _SPIN_RANGE)
+    shade = np.clip(np.asarray(spec.colour_rgb, dtype=np.float64) * rng.uniform(0.85, 1.1)
+                    + rng.normal(0.0, 6.0, size=3), 0.0, 255.0)
+    return SceneObject(
+        class_index=spec.index, shape=spec.shape, size=float(obj_size),
+        centres=start + (end - start) * progress[:, None], angles=tilt + spin * progress, shade_rgb=shade,
+        texture_angle=float(rng.uniform(0.0, 180.0)), texture_period=float(rng.uniform(0.25, 0.4)),
+        texture_phase=float(rng.uniform(0.0, 1.0)),
+    )
+
+
+def sample_scene(rng: np.random.Generator, config: SynthConfig) -> Scene:
+    """Draw one scene: objects of distinct random classes, placed until every object stays visible enough in every
+    frame, then the sounding object(s) picked uniformly, independent of the geometry."""
+    difficulty = _DIFFICULTY[config.difficulty]
+    specs = class_specs(config.num_classes)
+    n = config.visible_objects
+    classes = [int(c) for c in rng.choice(config.num_classes, size=n, replace=False)]
+    for _ in range(_MAX_PLACEMENT_TRIES):
+        objects: list[SceneObject] = []
+        for class_index in classes:
+            objects.append(_sample_object(rng, specs[class_index], objects, difficulty, config.size,
+                                          config.frames_per_clip))
+        full = np.stack([_rasterise(obj, config.size) for obj in objects])
+        visible = _visible(full)
+        shown = visible.sum(axis=(2, 3))
+        whole = full.sum(axis=(2, 3))
+        # The same rule for every object, so rejection cannot favour the (not yet chosen) sounding one.
+        if (shown > 0).all() and (shown >= difficulty.min_visible * whole).all():
+            break
+    else:
+        raise RuntimeError(f"could not place {n} objects at {config.size} px in {_MAX_PLACEMENT_TRIES} tries")
+    sounding = tuple(int(i) for i in rng.choice(n, size=config.sources, replace=False))
+    silent = [i for i in range(n) if i not in sounding]
+    other = int(silent[int(rng.integers(len(silent)))])
+    distractor = None
+    if difficulty.distractor_db is not None:
+        offscreen = [c for c in range(config.num_classes) if c not in classes]
+        distractor = int(offscreen[int(rng.integers(len(offscreen)))])
+    return Scene(objects=tuple(objects), sounding=sounding, other=other, distractor_class=distractor,
+                 full_masks=full, visible_masks=visible)
+
+
+# ----------------------------------------------------------------------------------------------- pictures
+
+
+def _background(rng: np.random.Generator, size: int, busy: bool) -> np.ndarray:
+    """[size, size, 3] float32 RGB: a grey level with soft, mostly colourless blobs, so that the saturated class
+    colours stay the objects' own; hard mode adds fine grain and a grating."""
+    cells = int(rng.integers(2, 7))
+    blobs = rng.normal(0.0, 28.0, size=(cells, cells, 3)).astype(np.float32)
+    blobs = 0.65 * blobs.mean(axis=2, keepdims=True) + 0.35 * blobs
+    image = cv2.resize(blobs, (size, size), interpolation=cv2.INTER_CUBIC)
+    image += np.float32(rng.uniform(70.0, 185.0)) + rng.normal(0.0, 10.0, size=3).astype(np.float32)
+    if busy:
+        grain_cells = int(rng.integers(12, 29))
+        grain = rng.normal(0.0, 14.0, size=(grain_cells, grain_cells)).astype(np.float32)
+        image += cv2.resize(grain, (size, size), interpolation=cv2.INTER_LINEAR)[:, :, None]
+        angle = rng.uniform(0.0, math.pi)
+        period = rng.uniform(0.03, 0.10) * size
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        grating = np.sin(2 * np.pi * (xx * math.cos(angle) + yy * math.sin(angle)) / period)
+        image += (rng.uniform(0.0, 12.0) * grating).astype(np.float32)[:, :, None]
+    return image
+
+
+def _texture(kind: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Pattern in [0, 1] at object coordinates u, v measured in texture periods."""
+    if kind == "stripes":
+        return (np.sin(2 * np.pi * u) > 0).astype(np.float32)
+    if kind == "checker":
+        return ((np.floor(u) + np.floor(v)) % 2).astype(np.float32)
+    if kind == "dots":
+        return (((u % 1.0) - 0.5) ** 2 + ((v % 1.0) - 0.5) ** 2 > 0.09).astype(np.float32)
+    if kind == "waves":
+        return (0.5 + 0.5 * np.sin(2 * np.pi * (u + 0.3 * np.sin(2 * np.pi * v)))).astype(np.float32)
+    raise ValueError(f"unknown texture {kind!r}")
+
+
+def _paint(image: np.ndarray, mask: np.ndarray, obj: SceneObject, frame: int, texture: str | None,
+           size: int) -> None:
+    """Fill the object's pixels, flat or (hard mode) modulated by its class texture, which moves with the object."""
+    if texture is None:
+        image[mask] = obj.shade_rgb
+        return
+    ys, xs = np.nonzero(mask)
+    cx, cy = obj.centres[frame] * size
+    a = math.radians(obj.angles[frame] + obj.texture_angle)
+    period = obj.texture_period * obj.size * size
+    u = ((xs - cx) * math.cos(a) + (ys - cy) * math.sin(a)) / period + obj.texture_phase
+    v = (-(xs - cx) * math.sin(a) + (ys - cy) * math.cos(a)) / period
+    image[ys, xs] = obj.shade_rgb.astype(np.float32) * (0.6 + 0.4 * _texture(texture, u, v))[:, None]
+
+
+def _render_frames(rng: np.random.Generator, scene: Scene, config: SynthConfig) -> list[np.ndarray]:
+    """T RGB uint8 frames: background, objects back to front, per-frame pixel noise."""
+    difficulty = _DIFFICULTY[config.difficulty]
+    specs = class_specs(config.num_classes)
+    background = _background(rng, config.size, difficulty.textured)
+    sigma = np.float32(rng.uniform(*difficulty.pixel_noise))
+    frames = []
+    for t in range(config.frames_per_clip):
+        image = background.copy()
+        for obj, masks in zip(scene.objects, scene.full_masks):
+            texture = specs[obj.class_index].texture if difficulty.textured else None
+            _paint(image, masks[t], obj, t, texture, config.size)
+        image += rng.standard_normal(image.shape, dtype=np.float32) * sigma
+        frames.append(np.clip(np.rint(image), 0, 255).astype(np.uint8))
+    return frames
+
+
+# ----------------------------------------------------------------------------------------------- sounds
+
+
+def _db(gain_db: float) -> float:
+    return 10.0 ** (gain_db / 20.0)
+
+
+def _unit_rms(signal: np.ndarray) -> np.ndarray:
+    return signal / max(float(np.sqrt(np.mean(signal ** 2))), 1e-12)
+
+
+def _class_sound(spec: ClassSpec, samples: int, rng: np.random.Generator) -> np.ndarray:
+    """One instance of a class's sound at unit RMS (float64): pitch, phases and noise vary per call."""
+    t = np.arange(samples) / SAMPLE_RATE
+    lo, hi = spec.band_hz
+    if spec.sound == "harmonic":
+        f0 = spec.pitch_hz * (1.0 + rng.uniform(-0.02, 0.02))
+        phases = rng.uniform(0.0, 2 * np.pi, size=len(spec.partials))
+        wave = sum(np.sin(2 * np.pi * p * f0 * t + phase) for p, phase in zip(spec.partials, phases))
+    else:
+        spectrum = np.fft.rfft(rng.standard_normal(samples))
+        freqs = np.fft.rfftfreq(samples, 1.0 / SAMPLE_RATE)
+        spectrum[(freqs < lo) | (freqs > hi)] = 0.0
+        wave = np.fft.irfft(spectrum, samples)
+    envelope = 0.75 + 0.25 * np.sin(2 * np.pi * spec.am_hz * t + rng.uniform(0.0, 2 * np.pi))
+    return _unit_rms(wave * envelope)
+
+
+def render_class_audio(class_index: int, seconds: float, rng: np.random.Generator,
+                       num_classes: int = 5) -> np.ndarray:
+    """A clean instance of class `class_index`'s sound: float32, 16 kHz mono, RMS `SOURCE_RMS`.
+
+    For evaluations that need a class's audio by itself (e.g. an off-screen class).
+    """
+    spec = class_specs(num_classes)[class_index]
+    return (_class_sound(spec, int(round(seconds * SAMPLE_RATE)), rng) * SOURCE_RMS).astype(np.float32)
+
+
+def _pink_noise(rng: np.random.Generator, samples: int) -> np.ndarray:
+    """Unit-RMS noise with a 1/f power spectrum (flat below 50 Hz): a room-tone-like background."""
+    spectrum = np.fft.rfft(rng.standard_normal(samples))
+    freqs = np.fft.rfftfreq(samples, 1.0 / SAMPLE_RATE)
+    spectrum /= np.sqrt(np.maximum(freqs, 50.0))
+    return _unit_rms(np.fft.irfft(spectrum, samples))
+
+
+def _render_audio(rng: np.random.Generator, scene: Scene, config: SynthConfig) -> np.ndarray:
+    """The clip's sound as int16 PCM: sounding classes (+ hard-mode distractor) + background noise."""
+    difficulty = _DIFFICULTY[config.difficulty]
+    specs = class_specs(config.num_classes)
+    samples = int(round((config.frames_per_clip + AUDIO_TAIL_S) * SAMPLE_RATE))
+    mix = np.zeros(samples)
+    for i in scene.sounding:
+        mix += _class_sound(specs[scene.objects[i].class_index], samples, rng) * _db(rng.uniform(-1.5, 1.5))
+    if scene.distractor_class is not None:
+        gain = _db(difficulty.distractor_db + rng.uniform(-2.0, 2.0))
+        mix += _class_sound(specs[scene.distractor_class], samples, rng) * gain
+    mix += _pink_noise(rng, samples) * _db(-rng.uniform(*difficulty.snr_db))
+    mix = _unit_rms(mix) * SOURCE_RMS
+    return np.clip(np.rint(mix * 32767.0), -32768, 32767).astype(np.int16)
+
+
+# ----------------------------------------------------------------------------------------------- file formats
+
+
+def tight_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """(xmin, ymin, xmax, ymax) of a non-empty mask in pixel-edge convention: max = last index + 1."""
+    rows, cols = mask.any(axis=1), mask.any(axis=0)
+    y0, x0 = int(rows.argmax()), int(cols.argmax())
+    y1, x1 = len(rows) - int(rows[::-1].argmax()), len(cols) - int(cols[::-1].argmax())
+    return x0, y0, x1, y1
+
+
+def labelimg_xml(folder: str, filename: str, path: str, width: int, height: int, depth: int,
+                 objects: list[tuple[str, tuple[int, int, int, int]]]) -> bytes:
+    """A Pascal VOC annotation byte for byte as labelImg writes it (element order, tabs, no XML declaration)."""
+    root = etree.Element("annotation")
+    etree.SubElement(root, "folder").text = folder
+    etree.SubElement(root, "filename").text = filename
+    etree.SubElement(root, "path").text = path
+    source = etree.SubElement(root, "source")
+    etree.SubElement(source, "database").text = "Unknown"
+    size = etree.SubElement(root, "size")
+    etree.SubElement(size, "width").text = str(width)
+    etree.SubElement(size, "height").text = str(height)
+    etree.SubElement(size, "depth").text = str(depth)
+    etree.SubElement(root, "segmented").text = "0"
+    for name, (xmin, ymin, xmax, ymax) in objects:
+        obj = etree.SubElement(root, "object")
+        etree.SubElement(obj, "name").text = name
+        etree.SubElement(obj, "pose").text = "Unspecified"
+        # labelImg's own rule: a box touching the far edge, or at its clamped minimum of 1, is "truncated".
+        truncated = ymax == height or ymin == 1 or xmax == width or xmin == 1
+        etree.SubElement(obj, "truncated").text = "1" if truncated else "0"
+        etree.SubElement(obj, "difficult").text = "0"
+        box = etree.SubElement(obj, "bndbox")
+        for tag, value in (("xmin", xmin), ("ymin", ymin), ("xmax", xmax), ("ymax", ymax)):
+            etree.SubElement(box, tag).text = str(value)
+    # labelImg pretty-prints with lxml and turns each two-space indent into a tab.
+    return etree.tostring(root, pretty_print=True, encoding="utf-8").replace(b"  ", b"\t")
+
+
+def yolo_lines(objects: list[tuple[int, tuple[int, int, int, int]]], width: int, height: int) -> bytes:
+    """labelImg YOLO text: `class cx cy w h`, normalised, 6 decimals, one line per box."""
+    lines = []
+    for class_index, (xmin, ymin, xmax, ymax) in objects:
+        lines.append("%d %.6f %.6f %.6f %.6f\n" % (class_index, (xmin + xmax) / 2 / width, (ymin + ymax) / 2 / height,
+                                                    (xmax - xmin) / width, (ymax - ymin) / height))
+    return "".join(lines).encode()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write to a hidden temporary name in the same folder, then rename: readers never see a partial file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _png(image: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return encoded.tobytes()
+
+
+def _wav(pcm: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, pcm, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- clips
+
+
+@dataclass(frozen=True)
+class _ClipRecord:
+    name: str
+    split: str
+    category: str
+    other_category: str
+    sounding_categories: tuple[str, ...]
+    visible_categories: tuple[str, ...]     # drawing order
+    distractor_category: str
+
+
+def clip_name(index: int) -> str:
+    return f"synth_{index:05d}"
+
+
+def assign_splits(clips: int, seed: int) -> list[str]:
+    """Seeded 70/15/15 split: val and test get round(15 %) each (halves up), train the remainder."""
+    held_out = (clips * 15 + 50) // 100
+    labels = ["train"] * (clips - 2 * held_out) + ["val"] * held_out + ["test"] * held_out
+    order = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(clips)
+    splits = [""] * clips
+    for position, clip in enumerate(order):
+        splits[int(clip)] = labels[position]
+    return splits
+
+
+def _write_clip(config: SynthConfig, index: int, split: str) -> _ClipRecord:
+    """Sample, render and write clip `index`; everything it draws comes from its own generator."""
+    rng = np.random.default_rng([config.seed, _CLIP_STREAM, index])
+    scene = sample_scene(rng, config)
+    frames = _render_frames(rng, scene, config)
+    pcm = _render_audio(rng, scene, config)
+
+    specs = class_specs(config.num_classes)
+    label = [specs[obj.class_index].name for obj in scene.objects]
+    name = clip_name(index)
+    category = label[scene.sounding[0]]
+    rel = f"{split}/{category}/{name}"
+    out = config.out
+    folders = {kind: out / kind / rel for kind in ("visual_frames", "gt_masks", "other_masks", "labels")}
+    if config.yolo:
+        folders["yolo"] = out / "yolo" / rel
+    for folder in [*folders.values(), out / "audio_wav" / split / category]:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    size = config.size
+    for t, frame in enumerate(frames):
+        stem = f"{name}_{t + 1}"
+        sounding_mask = np.logical_or.reduce([scene.visible_masks[i, t] for i in scene.sounding])
+        _write_atomic(folders["visual_frames"] / f"{stem}.png", _png(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR)))
+        _write_atomic(folders["gt_masks"] / f"{stem}.png", _png(sounding_mask.astype(np.uint8) * 255))
+        _write_atomic(folders["other_masks"] / f"{stem}.png",
+                      _png(scene.visible_masks[scene.other, t].astype(np.uint8) * 255))
+        boxes = [(i, tight_box(scene.visible_masks[i, t])) for i in scene.sounding]
+        xml = labelimg_xml(folder=name, filename=f"{stem}.png", path=f"visual_frames/{rel}/{stem}.png",
+                           width=size, height=size, depth=3, objects=[(label[i], box) for i, box in boxes])
+        _write_atomic(folders["labels"] / f"{stem}.xml", xml)
+        if config.yolo:
+            yolo = yolo_lines([(scene.objects[i].class_index, box) for i, box in boxes], size, size)
+            _write_atomic(folders["yolo"] / f"{stem}.txt", yolo)
+    _write_atomic(out / "audio_wav" / split / category / f"{name}.wav", _wav(pcm))
+
+    distractor = "" if scene.distractor_class is None else specs[scene.distractor_class].name
+    return _ClipRecord(name=name, split=split, category=category, other_category=label[scene.other],
+                       sounding_categories=tuple(label[i] for i in scene.sounding),
+                       visible_categories=tuple(label), distractor_category=distractor)
+
+
+def _write_clip_job(job: tuple[SynthConfig, int, str]) -> _ClipRecord:
+    return _write_clip(*job)
+
+
+def _worker_init() -> None:
+    # One process per core already; OpenCV's own threads would only compete with the other workers.
+    cv2.setNumThreads(1)
+
+
+# ----------------------------------------------------------------------------------------------- driver
+
+
+def _info_bytes(config: SynthConfig) -> bytes:
+    """info.json: everything that determines the files, and nothing that does not (no `out`, no `workers`)."""
+    settings = asdict(config)
+    del settings["out"], settings["workers"]
+    held_out = (config.clips * 15 + 50) // 100
+    info = {
+        "generator": "avsprep.synth",
+        "format_version": 1,
+        "config": settings,
+        "sample_rate": SAMPLE_RATE,
+        "audio_seconds": config.frames_per_clip + AUDIO_TAIL_S,
+        "visible_objects": config.visible_objects,
+        "splits": {"train": config.clips - 2 * held_out, "val": held_out, "test": held_out},
+        "classes": [asdict(spec) for spec in class_specs(config.num_classes)],
+    }
+    return (json.dumps(info, indent=2) + "\n").encode()
+
+
+def _claim_output(out: Path, info: bytes) -> None:
+    """Accept an empty or missing folder, or one holding (part of) this very set; refuse anything else."""
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a folder")
+    if out.exists() and any(out.iterdir()):
+        info_path = out / "info.json"
+        if not info_path.is_file() or info_path.read_bytes() != info:
+            raise InputError(out, "is not empty and does not hold a synthetic set of this configuration "
+                                  "(info.json missing or different); choose another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out / "info.json", info)
+
+
+def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def generate(config: SynthConfig, progress: Callable[[int], None] | None = None) -> SynthSummary:
+    """Write a synthetic AVS set under `config.out`; `progress(n)` is called as clips complete.
+
+    Raises ValueError for a bad option and InputError when `out` holds something else.
+    """
+    config.validate()
+    started = time.perf_counter()
+    out = config.out
+    _claim_output(out, _info_bytes(config))
+    splits = assign_splits(config.clips, config.seed)
+    jobs = [(config, index, splits[index]) for index in range(config.clips)]
+
+    records: list[_ClipRecord] = []
+    if config.workers == 1:
+        for job in jobs:
+            records.append(_write_clip_job(job))
+            if progress:
+                progress(1)
+    else:
+        with get_context().Pool(config.workers, initializer=_worker_init) as pool:
+            for record in pool.imap_unordered(_write_clip_job, jobs, chunksize=4):
+                records.append(record)
+                if progress:
+                    progress(1)
+    records.sort(key=lambda r: r.name)
+
+    if config.yolo:
+        _write_atomic(out / "yolo" / "classes.txt", "".join(f"{n}\n" for n in class_names(config.num_classes)).encode())
+    _write_atomic(out / "scenes.csv", _csv_bytes(
+        ["name", "split", "visible_categories", "distractor_category"],
+        [[r.name, r.split, ";".join(r.visible_categories), r.distractor_category] for r in records]))
+    # meta.csv last: its presence marks a complete set.
+    _write_atomic(out / "meta.csv", _csv_bytes(
+        ["name", "category", "split", "other_category", "sounding_categories"],
+        [[r.name, r.category, r.split, r.other_category, ";".join(r.sounding_categories)] for r in records]))
+
+    per_split = {split: sum(r.split == split for r in records) for split in SPLITS}
+    names = class_names(config.num_classes)
+    per_class = {name: sum(r.category == name for r in records) for name in names}
+    per_split_class = {split: {name: sum(r.split == split and r.category == name for r in records) for name in names}
+                       for split in SPLITS}
+    seconds = time.perf_counter() - started
+    log.info("synth: %d clips (%s) written to %s in %.1f s", len(records),
+             ", ".join(f"{k} {v}" for k, v in per_split.items()), out, seconds)
+    return SynthSummary(out=out, clips=len(records), per_split=per_split, per_class=per_class,
+                        per_split_class=per_split_class, meta_csv=out / "meta.csv", info_json=out / "info.json",
+                        seconds=seconds)
