@@ -1,0 +1,172 @@
+"""Streaming clips out of `avsprep` shards for training and evaluation.
+
+`ShardDataset` is an IterableDataset: each DataLoader worker of each distributed rank (a "consumer") gets its own
+disjoint block of the split's clips, reads them one chunk (one clip) at a time, and never loads a shard whole.
+The order of an epoch is a pure function of (seed, epoch, rank, worker), computed from indices alone, so it can be
+reproduced (and a resumed run can skip what it has already seen) without reading any data.
+
+Frames and crops stay uint8 until they reach the device; `normalize_frames` turns them into ImageNet-normalised
+floats there.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from avsprep.errors import InputError
+from avsprep.shards import read_manifest
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_FIELDS = ("frames", "masks", "mask_valid", "crops", "crop_valid", "boxes", "audio", "label", "sounding")
+
+
+@dataclass
+class Augmentation:
+    """Light, clip-consistent augmentation (the same flip and jitter for every frame of a clip)."""
+
+    flip: float = 0.5  # probability of a horizontal flip
+    brightness: float = 0.2  # frames scaled by a factor in [1 - b, 1 + b]
+    contrast: float = 0.2  # deviation from the clip mean scaled by a factor in [1 - c, 1 + c]
+
+
+def _apply_augmentation(clip: dict[str, np.ndarray], augmentation: Augmentation, rng: np.random.Generator) -> None:
+    if rng.random() < augmentation.flip:
+        for key in ("frames", "masks", "other_masks", "crops"):
+            if key in clip:
+                clip[key] = np.ascontiguousarray(clip[key][:, :, ::-1])
+        boxes = clip["boxes"].copy()
+        boxes[..., 0], boxes[..., 2] = 1.0 - clip["boxes"][..., 2], 1.0 - clip["boxes"][..., 0]
+        clip["boxes"] = boxes
+    brightness = 1.0 + rng.uniform(-augmentation.brightness, augmentation.brightness)
+    contrast = 1.0 + rng.uniform(-augmentation.contrast, augmentation.contrast)
+    for key in ("frames", "crops"):
+        pixels = clip[key].astype(np.float32)
+        mean = pixels.mean()
+        clip[key] = np.clip((pixels - mean) * contrast + mean * brightness, 0, 255).astype(np.uint8)
+
+
+class ShardDataset(IterableDataset):
+    """Clips of one split of a shard folder, as dicts of tensors.
+
+    Each item: `frames` [T,S,S,3] uint8, `masks` [T,S,S] uint8, `mask_valid` [T] bool, `crops` [T,c,c,3] uint8,
+    `crop_valid` [T] bool, `boxes` [T,K,4] float32, `audio` [T,128] float32, `label` int64 scalar,
+    `sounding` [C] bool, `name` str, and `other_masks` [T,S,S] uint8 / `other_label` where the shards have them.
+
+    Training (`shuffle=True`): every epoch the clips are permuted (seed, epoch), cut into one contiguous block
+    per rank of equal size (at most world_size - 1 clips wait for the next epoch, so ranks take equal steps),
+    then per DataLoader worker; a shuffle buffer mixes each consumer's stream. Evaluation (`shuffle=False`):
+    every clip exactly once, in shard order.
+    """
+
+    def __init__(self, shards_dir: str | Path, split: str = "train", shuffle: bool = True, seed: int = 0,
+                 buffer_size: int = 256, augmentation: Augmentation | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        self.shards_dir = Path(shards_dir)
+        self.manifest = read_manifest(self.shards_dir)
+        self.split = split
+        self.shuffle = shuffle
+        self.seed = seed
+        self.buffer_size = buffer_size
+        self.augmentation = augmentation
+        if rank is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        self.rank, self.world_size = rank or 0, world_size or 1
+        self.epoch = 0
+        self.skip = 0  # clips of this consumer's epoch stream to skip (resuming mid-epoch)
+        self.index = self._index_split()
+        if not self.index:
+            raise InputError(self.shards_dir, f"no clips of split {split!r}")
+        self._files: dict[str, h5py.File] = {}
+
+    @property
+    def classes(self) -> list[str]:
+        return self.manifest["classes"]
+
+    def _index_split(self) -> list[tuple[str, int]]:
+        """(shard file, row) of every clip of the split, in shard order; reads only the small `split` datasets."""
+        index = []
+        for entry in self.manifest["shards"]:
+            if not entry["splits"].get(self.split):
+                continue
+            with h5py.File(self.shards_dir / entry["file"], "r") as handle:
+                splits = handle["split"].asstr()[()]
+            index.extend((entry["file"], int(row)) for row in np.flatnonzero(splits == self.split))
+        return index
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Select the epoch's order; `skip` drops the first clips of each consumer's stream (for resuming)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self) -> int:
+        """Clips this rank yields per epoch (over all its DataLoader workers)."""
+        n = len(self.index)
+        return n // self.world_size if self.shuffle else len(range(self.rank, n, self.world_size))
+
+    def consumer_order(self, worker: int = 0, num_workers: int = 1) -> list[tuple[str, int]]:
+        """The clips one (rank, worker) reads this epoch, in order. Pure function of seed, epoch and position."""
+        if not self.shuffle:
+            return self.index[self.rank::self.world_size][worker::num_workers]
+        rng = np.random.default_rng([self.seed, self.epoch])
+        permuted = [self.index[i] for i in rng.permutation(len(self.index))]
+        per_rank = len(permuted) // self.world_size
+        block = permuted[self.rank * per_rank:(self.rank + 1) * per_rank]
+        # Sort each worker's block by position: shards are then read front to back, chunk after chunk.
+        mine = sorted(block[worker::num_workers], key=lambda item: (item[0], item[1]))
+        return self._buffer_shuffle(mine, np.random.default_rng([self.seed, self.epoch, self.rank, worker]))
+
+    def _buffer_shuffle(self, stream: list, rng: np.random.Generator) -> list:
+        """A streaming shuffle buffer, simulated on indices: reads stay nearly sequential, the order is mixed."""
+        buffer, out = [], []
+        for item in stream:
+            buffer.append(item)
+            if len(buffer) >= self.buffer_size:
+                out.append(buffer.pop(int(rng.integers(len(buffer)))))
+        while buffer:
+            out.append(buffer.pop(int(rng.integers(len(buffer)))))
+        return out
+
+    def read_clip(self, file: str, row: int) -> dict[str, np.ndarray]:
+        """One clip's arrays, one chunk read per dataset."""
+        handle = self._files.get(file)
+        if handle is None:
+            handle = self._files[file] = h5py.File(self.shards_dir / file, "r")
+        clip = {key: handle[key][row] for key in CLIP_FIELDS}
+        clip["name"] = handle["name"].asstr()[row]
+        if "other_masks" in handle:
+            clip["other_masks"] = handle["other_masks"][row]
+            clip["other_label"] = handle["other_label"][row]
+        return clip
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        order = self.consumer_order(worker, num_workers)[self.skip:]
+        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
+        for file, row in order:
+            clip = self.read_clip(file, row)
+            if self.augmentation is not None:
+                _apply_augmentation(clip, self.augmentation, rng)
+            yield {key: value if key == "name" else torch.as_tensor(np.asarray(value)) for key, value in clip.items()}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_files"] = {}  # open HDF5 handles do not cross process boundaries
+        return state
+
+
+def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> ImageNet-normalised float [..., 3, H, W], on the tensor's device."""
+    x = frames.float().div_(255.0).movedim(-1, -3)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
