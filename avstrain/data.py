@@ -11,6 +11,7 @@ floats there.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -82,7 +83,7 @@ class ShardDataset(IterableDataset):
             rank, world_size = torch.distributed.get_rank(), torch.distributed.get_world_size()
         self.rank, self.world_size = rank or 0, world_size or 1
         self.epoch = 0
-        self.skip = 0  # clips of this consumer's epoch stream to skip (resuming mid-epoch)
+        self.skip_batches, self.batch_size = 0, 1  # resuming mid-epoch: batches the DataLoader already gave out
         self.index = self._index_split()
         if not self.index:
             raise InputError(self.shards_dir, f"no clips of split {split!r}")
@@ -103,9 +104,35 @@ class ShardDataset(IterableDataset):
             index.extend((entry["file"], int(row)) for row in np.flatnonzero(splits == self.split))
         return index
 
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        """Select the epoch's order; `skip` drops the first clips of each consumer's stream (for resuming)."""
-        self.epoch, self.skip = epoch, skip
+    def set_epoch(self, epoch: int, skip_batches: int = 0, batch_size: int = 1) -> None:
+        """Select the epoch's order. To resume mid-epoch, `skip_batches` is the number of batches of
+        `batch_size` that a DataLoader over this dataset (same num_workers) has already yielded this epoch."""
+        self.epoch, self.skip_batches, self.batch_size = epoch, skip_batches, batch_size
+
+    def _resume_plan(self, num_workers: int) -> tuple[list[int], list[int]]:
+        """Where each worker stands after the first `skip_batches` batches of the epoch.
+
+        A DataLoader over an IterableDataset takes whole batches from its workers in turn and drops a worker from
+        the turn once it is exhausted. Replaying that on batch counts gives the clips each worker's stream has
+        given out, and whose turn is next. Returns (stream of each DataLoader worker, clips to skip per stream):
+        the streams are rotated so that the new DataLoader's first worker continues the old turn.
+        """
+        if not self.skip_batches:
+            return list(range(num_workers)), [0] * num_workers
+        batches = [math.ceil(len(self.consumer_order(w, num_workers)) / self.batch_size) for w in range(num_workers)]
+        produced = [0] * num_workers
+        active, turn = list(range(num_workers)), 0
+        for _ in range(self.skip_batches):
+            while active and produced[active[turn % len(active)]] >= batches[active[turn % len(active)]]:
+                active.pop(turn % len(active))
+            if not active:
+                break
+            produced[active[turn % len(active)]] += 1
+            turn += 1
+        rotated = active[turn % len(active):] + active[:turn % len(active)] if active else []
+        streams = [w for w in rotated if produced[w] < batches[w]]
+        streams += [w for w in range(num_workers) if w not in streams]  # exhausted: they yield nothing
+        return streams, [count * self.batch_size for count in produced]
 
     def __len__(self) -> int:
         """Clips this rank yields per epoch (over all its DataLoader workers)."""
@@ -150,12 +177,15 @@ class ShardDataset(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        order = self.consumer_order(worker, num_workers)[self.skip:]
-        rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, 1])
+        streams, skips = self._resume_plan(num_workers)
+        stream = streams[worker]
+        order = self.consumer_order(stream, num_workers)[skips[stream]:]
         for file, row in order:
             clip = self.read_clip(file, row)
             if self.augmentation is not None:
-                _apply_augmentation(clip, self.augmentation, rng)
+                # Seeded per clip, so skipping (resume) or another worker count leaves each clip's draw unchanged.
+                shard = int(file.removeprefix("shard-").removesuffix(".h5"))
+                _apply_augmentation(clip, self.augmentation, np.random.default_rng([self.seed, self.epoch, shard, row]))
             yield {key: value if key == "name" else torch.as_tensor(np.asarray(value)) for key, value in clip.items()}
 
     def __getstate__(self) -> dict:

@@ -62,12 +62,22 @@ def test_order_is_deterministic_per_seed_and_epoch(shards):
     assert order(0, 0) != order(1, 0)
 
 
-def test_skip_resumes_mid_epoch(shards):
-    dataset = ShardDataset(shards, split="train", seed=5)
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("skip_batches", [1, 2, 3, 5])
+def test_skip_resumes_mid_epoch(shards, num_workers, skip_batches):
+    """After k batches, a resumed DataLoader yields exactly the rest of the uninterrupted epoch."""
+    dataset = ShardDataset(shards, split="train", seed=5, augmentation=Augmentation())
+
+    def batches():
+        loader = DataLoader(dataset, batch_size=3, num_workers=num_workers)
+        return [(b["name"], b["frames"]) for b in loader]
+
     dataset.set_epoch(2)
-    full = names(dataset)
-    dataset.set_epoch(2, skip=4)
-    assert names(dataset) == full[4:]
+    full = batches()
+    dataset.set_epoch(2, skip_batches=skip_batches, batch_size=3)
+    resumed = batches()
+    assert [names for names, _ in resumed] == [names for names, _ in full[skip_batches:]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed, full[skip_batches:]))  # same augmentation
 
 
 def test_augmentation_flips_clip_consistently(shards):
