@@ -1,0 +1,172 @@
+"""Training losses (DESIGN §7): mask BCE, AVSBench's audio–visual matching (AVM-AV) and the seed's crop losses.
+
+``compute_loss`` combines them with the weights of a ``LossConfig`` (weight 0 = not computed) and returns the
+total plus the unweighted parts for logging. Each part is also a public function for use on its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import LossConfig
+from .models.avs import AVSOutput
+
+
+@dataclass
+class LossOutput:
+    total: Tensor  # scalar, Σ weight·part, carries the graph
+    parts: dict[str, Tensor]  # unweighted, detached scalars keyed bce / avm / crop_cls / crop_temporal / crop_audio
+
+
+def _zero(like: Tensor) -> Tensor:
+    # Keeps the graph (and DDP's view of used parameters) intact when a batch has nothing to supervise.
+    return like.sum() * 0.0
+
+
+def mask_bce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = None) -> Tensor:
+    """Binary cross-entropy of sigmoid(logits) against the masks, averaged over the pixels of the frames that have a
+    mask (S4: frame 1; MS3 and the synthetic data: all frames).
+
+    logits [B, T, 1, H, W] or [B, T, H, W]; masks [B, T, H, W] in {0, 1}; mask_valid [B, T] bool (None = all).
+    Computed with logits (the stable form of BCE on sigmoid): the reference S4 script feeds sigmoid outputs to
+    ``BCEWithLogitsLoss``, a double sigmoid that we do not copy.
+    """
+    logits = logits.reshape(masks.shape)
+    if mask_valid is None:
+        return F.binary_cross_entropy_with_logits(logits, masks.to(logits.dtype))
+    mask_valid = mask_valid.bool()
+    if not mask_valid.any():
+        return _zero(logits)
+    return F.binary_cross_entropy_with_logits(logits[mask_valid], masks[mask_valid].to(logits.dtype))
+
+
+def _stage_inputs(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, Tensor], stage: int):
+    if stage not in audio_proj:
+        raise ValueError(f"AVM loss at stage {stage} needs TPAVI there; the model has TPAVI at {sorted(audio_proj)}")
+    v_map = stage_maps[stage]  # [B·T, C, h, w]
+    a = audio_proj[stage].reshape(-1, v_map.shape[1])  # [B·T, C]
+    return v_map, a
+
+
+def avm_kl_loss(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, Tensor],
+                stages: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
+    """AVM-AV as the reference MS3 recipe runs it (KL form).
+
+    Per stage: average-pool the mask logits to the stage size, then sigmoid; v = spatial mean of stage map × mask;
+    L2-normalise v and the projected audio a; KL(softmax(a) ‖ softmax(v)) summed over the batch. Mean over stages.
+    logits [B, T, 1, H, W]; stage_maps 4 × [B·T, C, h, w]; audio_proj {stage: [B, T, C]}.
+    """
+    pred = logits.flatten(0, 1)  # [B·T, 1, H, W]
+    total = _zero(logits)
+    for s in stages:
+        v_map, a = _stage_inputs(logits, stage_maps, audio_proj, s)
+        mask = torch.sigmoid(F.adaptive_avg_pool2d(pred, v_map.shape[-2:]))  # [B·T, 1, h, w]
+        v = (v_map * mask).mean(dim=(-2, -1))  # [B·T, C]
+        v, a = F.normalize(v, dim=-1), F.normalize(a, dim=-1)
+        total = total + F.kl_div(F.log_softmax(v, dim=-1), F.softmax(a, dim=-1), reduction="sum")
+    return total / len(stages)
+
+
+def avm_cosine_loss(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, Tensor],
+                    stages: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
+    """AVM-AV in the thresholded-cosine form of the reference S4 code.
+
+    Per stage: sigmoid the logits, average-pool to the stage size, binarise at 0.5; v = stage map summed over the
+    object pixels / (their count + 1e-6); L2-normalise v and a; loss = mean over frames of −log(relu(cos) + 1e-6).
+    Mean over stages. Shapes as in ``avm_kl_loss``.
+    """
+    prob = torch.sigmoid(logits.flatten(0, 1))  # [B·T, 1, H, W]
+    total = _zero(logits)
+    for s in stages:
+        v_map, a = _stage_inputs(logits, stage_maps, audio_proj, s)
+        mask = (F.adaptive_avg_pool2d(prob, v_map.shape[-2:]) > 0.5).to(v_map.dtype)  # [B·T, 1, h, w]
+        count = mask.sum(dim=(-2, -1))  # [B·T, 1]
+        v = (v_map * mask).sum(dim=(-2, -1)) / (count + 1e-6)  # [B·T, C]
+        v, a = F.normalize(v, dim=-1), F.normalize(a, dim=-1)
+        cos = (v * a).sum(dim=-1)  # [B·T]
+        total = total + (-torch.log(F.relu(cos) + 1e-6)).mean()
+    return total / len(stages)
+
+
+def _per_crop_labels(labels: Tensor, shape: torch.Size) -> Tensor:
+    return labels[:, None].expand(shape) if labels.dim() == 1 else labels
+
+
+def crop_classification_loss(crop_logits: Tensor, labels: Tensor, crop_valid: Tensor | None = None) -> Tensor:
+    """Cross-entropy of each valid crop's logits with its clip's class.
+
+    crop_logits [B, T, K]; labels [B] (the clip's class) or [B, T], with -1 = unknown (ignored);
+    crop_valid [B, T] bool (None = all).
+    """
+    labels = _per_crop_labels(labels, crop_logits.shape[:2]).long()
+    keep = labels >= 0
+    if crop_valid is not None:
+        keep = keep & crop_valid.bool()
+    if not keep.any():
+        return _zero(crop_logits)
+    return F.cross_entropy(crop_logits[keep], labels[keep])
+
+
+def crop_temporal_loss(crop_embedding: Tensor, crop_valid: Tensor | None = None) -> Tensor:
+    """Mean L2 distance (``PairwiseDistance``, eps 1e-6) between embeddings of consecutive crops of a clip; a pair
+    counts only when both crops are valid. crop_embedding [B, T, E]; crop_valid [B, T] bool (None = all)."""
+    if crop_embedding.shape[1] < 2:
+        return _zero(crop_embedding)
+    pair = torch.ones(crop_embedding.shape[:1] + (crop_embedding.shape[1] - 1,), dtype=torch.bool,
+                      device=crop_embedding.device)  # [B, T-1]
+    if crop_valid is not None:
+        pair = crop_valid[:, :-1].bool() & crop_valid[:, 1:].bool()
+    if not pair.any():
+        return _zero(crop_embedding)
+    dist = F.pairwise_distance(crop_embedding[:, :-1][pair], crop_embedding[:, 1:][pair])  # [pairs]
+    return dist.mean()
+
+
+def crop_audio_loss(crop_embedding: Tensor, audio_embedding: Tensor, crop_valid: Tensor | None = None) -> Tensor:
+    """Mean of 1 − cos(audio, crop) over valid crops.
+
+    crop_embedding [B, T, E]; audio_embedding [B, E] (the clip's audio averaged over T and projected);
+    crop_valid [B, T] bool (None = all).
+    """
+    cos = F.cosine_similarity(crop_embedding, audio_embedding[:, None, :].expand_as(crop_embedding), dim=-1)  # [B,T]
+    if crop_valid is not None:
+        if not crop_valid.any():
+            return _zero(crop_embedding)
+        cos = cos[crop_valid.bool()]
+    return (1.0 - cos).mean()
+
+
+def compute_loss(output: AVSOutput, config: LossConfig, masks: Tensor, mask_valid: Tensor | None = None,
+                 labels: Tensor | None = None, crop_valid: Tensor | None = None) -> LossOutput:
+    """Weighted sum of the losses switched on in ``config``.
+
+    output: the model's ``AVSOutput``; masks [B, T, H, W]; mask_valid [B, T] (frames that have a mask);
+    labels [B] clip classes (crop classification); crop_valid [B, T] (frames whose crop is real).
+    Raises ValueError when a switched-on loss lacks its inputs (e.g. crop losses without crops).
+    """
+    parts: dict[str, Tensor] = {}
+    if config.bce > 0:
+        parts["bce"] = mask_bce_loss(output.logits, masks, mask_valid)
+    if config.avm > 0:
+        avm = avm_kl_loss if config.avm_variant == "kl" else avm_cosine_loss
+        parts["avm"] = avm(output.logits, output.stage_maps, output.audio_proj, config.avm_stages)
+    if config.crop_cls > 0:
+        if output.crop_logits is None or labels is None:
+            raise ValueError("loss.crop_cls > 0 needs crops, a crop classifier (model.num_classes > 0) and labels")
+        parts["crop_cls"] = crop_classification_loss(output.crop_logits, labels, crop_valid)
+    if config.crop_temporal > 0:
+        if output.crop_embedding is None:
+            raise ValueError("loss.crop_temporal > 0 needs crops and a crop encoder")
+        parts["crop_temporal"] = crop_temporal_loss(output.crop_embedding, crop_valid)
+    if config.crop_audio > 0:
+        if output.crop_embedding is None or output.crop_audio is None:
+            raise ValueError("loss.crop_audio > 0 needs crops, audio and a crop encoder")
+        parts["crop_audio"] = crop_audio_loss(output.crop_embedding, output.crop_audio, crop_valid)
+    if not parts:
+        raise ValueError("every loss weight is 0: nothing to train")
+    total = sum(getattr(config, name) * value for name, value in parts.items())
+    return LossOutput(total=total, parts={name: value.detach() for name, value in parts.items()})

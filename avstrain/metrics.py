@@ -1,0 +1,229 @@
+"""Evaluation metrics with AVSBench semantics (DESIGN §8), as functions and as streaming meters.
+
+The meters keep O(1) state per split (sums and a 255-point curve), so evaluation never holds predictions or masks
+of a whole test set: feed them batch by batch, in clip order, and read ``compute()`` at the end.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+NUM_THRESHOLDS = 255
+BETA2 = 0.3
+IOU_EPS = 1e-7
+PR_EPS = 1e-20
+
+
+def _as_frames(x: Tensor) -> Tensor:
+    """[N, H, W] or [N, 1, H, W] or [B, T, (1,) H, W] -> [N, H, W]."""
+    if x.dim() == 5 or (x.dim() == 4 and x.shape[1] == 1):
+        x = x.reshape(-1, *x.shape[-2:])
+    elif x.dim() == 4:
+        x = x.flatten(0, 1)
+    if x.dim() != 3:
+        raise ValueError(f"expected frames [N, H, W], got shape {tuple(x.shape)}")
+    return x
+
+
+def _binary(target: Tensor) -> Tensor:
+    return target > 0.5
+
+
+def frame_ious(logits: Tensor, target: Tensor) -> Tensor:
+    """Per-frame IoU [N] of sigmoid(logits) > 0.5 against the target; a frame with an empty target scores the
+    fraction of pixels correctly left empty, |¬P∩¬G| / (H·W). logits, target [N, H, W]."""
+    logits, target = _as_frames(logits), _as_frames(target)
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+    pred = torch.sigmoid(logits.float()) > 0.5
+    gt = _binary(target)
+    inter = (pred & gt).flatten(1).sum(1).double()
+    union = (pred | gt).flatten(1).sum(1).double()
+    empty = ~gt.flatten(1).any(1)
+    inter = torch.where(empty, (~pred & ~gt).flatten(1).sum(1).double(), inter)
+    union = torch.where(empty, torch.full_like(union, gt.shape[1] * gt.shape[2]), union)
+    return inter / (union + IOU_EPS)
+
+
+def mask_iou(logits: Tensor, target: Tensor) -> float:
+    """mIoU (M_J): mean of ``frame_ious`` over frames. logits, target [N, H, W]."""
+    ious = frame_ious(logits, target)
+    return float(ious.mean()) if ious.numel() else 0.0
+
+
+def frame_f_curves(logits: Tensor, target: Tensor, num_thresholds: int = NUM_THRESHOLDS,
+                   beta2: float = BETA2) -> tuple[Tensor, Tensor]:
+    """F-measure curves of each frame over thresholds linspace(0, 1 − 1e-10, 255) on sigmoid probabilities.
+
+    logits, target [N, H, W] -> (curves [N, num_thresholds] float64, nonempty [N] bool). Frames with an empty target
+    get a zero curve and nonempty False: AVSBench leaves them out of the F-measure. Precision, recall and F follow
+    the reference in float32 (its 1e-20 guards, NaN → 0). The per-threshold counts come from one histogram per
+    frame (``searchsorted`` puts each pixel above exactly the thresholds it passes, p ≥ th), which gives the
+    reference's counts without its 255 passes over the image.
+    """
+    logits, target = _as_frames(logits), _as_frames(target)
+    if logits.shape != target.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and target {tuple(target.shape)} differ")
+    n = logits.shape[0]
+    prob = torch.sigmoid(logits.float()).flatten(1)  # [N, HW]
+    gt = _binary(target).flatten(1)  # [N, HW]
+    thresholds = torch.linspace(0, 1 - 1e-10, num_thresholds, device=prob.device)  # float32, as the reference
+    passed = torch.searchsorted(thresholds, prob.contiguous(), right=True)  # [N, HW]: #thresholds with th <= p
+    bins = num_thresholds + 1
+    offset = torch.arange(n, device=prob.device)[:, None] * bins
+    hist_all = torch.bincount((passed + offset).flatten(), minlength=n * bins).view(n, bins)
+    hist_tp = torch.bincount((passed + offset)[gt], minlength=n * bins).view(n, bins)
+    # predicted positive at threshold i <=> passed > i: reverse cumulative sums over bins 1..255.
+    positives = hist_all.flip(1).cumsum(1).flip(1)[:, 1:].float()  # [N, thresholds]
+    tp = hist_tp.flip(1).cumsum(1).flip(1)[:, 1:].float()
+    gt_count = gt.sum(1, keepdim=True).float()
+    precision = tp / (positives + PR_EPS)
+    recall = tp / (gt_count + PR_EPS)
+    f = (1 + beta2) * precision * recall / (beta2 * precision + recall)
+    f = torch.nan_to_num(f, nan=0.0)
+    nonempty = gt_count[:, 0] > 0
+    f = torch.where(nonempty[:, None], f, torch.zeros_like(f))
+    return f.double(), nonempty
+
+
+def f_measure(logits: Tensor, target: Tensor) -> float:
+    """Dataset-level F-measure (M_F, β² = 0.3): max over thresholds of the mean curve of the frames with a
+    non-empty target; 0 when there are none. logits, target [N, H, W]."""
+    curves, nonempty = frame_f_curves(logits, target)
+    if not nonempty.any():
+        return 0.0
+    return float(curves[nonempty].mean(0).max())
+
+
+def f_measure_avsbench(logits: Tensor, target: Tensor, clips_per_batch: int = 4, frames_per_clip: int = 5) -> float:
+    """The figure the reference test script reports: F-measure per test batch of ``clips_per_batch`` clips
+    (frames in clip order), a batch with only empty masks scoring 0, averaged over batches (the last, partial
+    batch included). logits, target [N, H, W]."""
+    meter = SegmentationMeter(clips_per_batch=clips_per_batch, frames_per_clip=frames_per_clip)
+    meter.update(logits, target)
+    return meter.compute()["f_avsbench"]
+
+
+def fpr(logits: Tensor) -> float:
+    """False-positive rate on clips whose target is empty (negative audio): the fraction of pixels with
+    sigmoid(logit) > 0.5. logits [N, H, W] (any shape)."""
+    if logits.numel() == 0:
+        return 0.0
+    return float((torch.sigmoid(logits.float()) > 0.5).double().mean())
+
+
+def ndcg(query: Tensor, gallery: Tensor, query_labels: Tensor, gallery_labels: Tensor, k: int | None = 30) -> float:
+    """Mean nDCG@k of cross-modal retrieval (Arandjelović & Zisserman 2018): each query (e.g. an audio embedding)
+    ranks the gallery (e.g. crop embeddings) by cosine similarity; an item is relevant (gain 1) when its label equals
+    the query's. Queries with no relevant item are left out; 0 when no query is left.
+
+    query [Q, D], gallery [G, D], query_labels [Q], gallery_labels [G]; k = None ranks the whole gallery.
+    """
+    if query.numel() == 0 or gallery.numel() == 0:
+        return 0.0
+    q = torch.nn.functional.normalize(query.double(), dim=-1)
+    g = torch.nn.functional.normalize(gallery.double(), dim=-1)
+    sim = q @ g.T  # [Q, G]
+    k = gallery.shape[0] if k is None else min(k, gallery.shape[0])
+    # Stable sort: ties keep gallery order, so the figure is deterministic.
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]  # [Q, k]
+    relevant = (gallery_labels[None, :] == query_labels[:, None])  # [Q, G]
+    gains = relevant.gather(1, order).double()  # [Q, k]
+    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))  # [k]
+    dcg = (gains * discount).sum(1)
+    n_rel = relevant.sum(1).clamp(max=k)  # [Q]
+    idcg = torch.cumsum(discount, 0)[(n_rel - 1).clamp(min=0)]
+    keep = n_rel > 0
+    if not keep.any():
+        return 0.0
+    return float((dcg[keep] / idcg[keep]).mean())
+
+
+class SegmentationMeter:
+    """Streaming mIoU, F-measure and the reference's per-batch F-measure.
+
+    ``update`` takes frames in clip order ([N, H, W] logits and targets, any N); ``compute`` returns
+    ``{"miou", "f", "f_avsbench"}``. The AVSBench batching (``clips_per_batch`` clips of ``frames_per_clip``
+    frames) is rebuilt from the frame order, whatever batch sizes the caller uses.
+    """
+
+    def __init__(self, clips_per_batch: int = 4, frames_per_clip: int = 5,
+                 num_thresholds: int = NUM_THRESHOLDS) -> None:
+        self.batch_frames = clips_per_batch * frames_per_clip
+        self.num_thresholds = num_thresholds
+        self.reset()
+
+    def reset(self) -> None:
+        self.frames = 0
+        self.iou_sum = 0.0
+        self.f_sum = torch.zeros(self.num_thresholds, dtype=torch.float64)
+        self.f_frames = 0
+        self._batch_sum = torch.zeros(self.num_thresholds, dtype=torch.float64)
+        self._batch_nonempty = 0
+        self._batch_seen = 0
+        self._batch_scores_sum = 0.0
+        self._batches = 0
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        logits, target = _as_frames(logits.detach()), _as_frames(target.detach())
+        self.frames += logits.shape[0]
+        self.iou_sum += float(frame_ious(logits, target).sum())
+        curves, nonempty = frame_f_curves(logits, target, self.num_thresholds)
+        curves, nonempty = curves.cpu(), nonempty.cpu()
+        self.f_sum += curves.sum(0)  # empty frames contribute zero curves
+        self.f_frames += int(nonempty.sum())
+        start = 0
+        while start < len(curves):
+            take = min(self.batch_frames - self._batch_seen, len(curves) - start)
+            self._batch_sum += curves[start:start + take].sum(0)
+            self._batch_nonempty += int(nonempty[start:start + take].sum())
+            self._batch_seen += take
+            start += take
+            if self._batch_seen == self.batch_frames:
+                self._close_batch()
+
+    def _batch_score(self) -> float:
+        if self._batch_nonempty == 0:
+            return 0.0
+        return float((self._batch_sum / self._batch_nonempty).max())
+
+    def _close_batch(self) -> None:
+        self._batch_scores_sum += self._batch_score()
+        self._batches += 1
+        self._batch_sum.zero_()
+        self._batch_nonempty = 0
+        self._batch_seen = 0
+
+    def compute(self) -> dict[str, float]:
+        """``miou`` (mean over frames), ``f`` (dataset level), ``f_avsbench`` (mean over reference batches)."""
+        scores, batches = self._batch_scores_sum, self._batches
+        if self._batch_seen:  # the last, partial batch counts as one, as in the reference's DataLoader
+            scores, batches = scores + self._batch_score(), batches + 1
+        return {
+            "miou": self.iou_sum / self.frames if self.frames else 0.0,
+            "f": float((self.f_sum / self.f_frames).max()) if self.f_frames else 0.0,
+            "f_avsbench": scores / batches if batches else 0.0,
+        }
+
+
+class FPRMeter:
+    """Streaming ``fpr``: positive pixels over all pixels, over every update."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.positive = 0
+        self.pixels = 0
+
+    def update(self, logits: Tensor) -> None:
+        self.positive += int((torch.sigmoid(logits.detach().float()) > 0.5).sum())
+        self.pixels += logits.numel()
+
+    def compute(self) -> float:
+        return self.positive / self.pixels if self.pixels else 0.0
+
+
+__all__ = ["mask_iou", "f_measure", "f_measure_avsbench", "fpr", "ndcg", "frame_ious", "frame_f_curves",
+           "SegmentationMeter", "FPRMeter"]

@@ -1,0 +1,211 @@
+"""The TPAVI audio-visual segmentation model (AVSBench, Zhou et al. ECCV 2022), DESIGN §6.
+
+backbone (4 stages) -> four-dilation necks to C -> TPAVI at chosen stages -> fusion decoder from stride 32 up -> head.
+Numerically it is the reference model, including the side effect of its in-place ReLUs (see ``FeatureFusionBlock``);
+``load_avsbench_checkpoint`` maps the official checkpoints onto it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .backbones import Backbone, build_backbone
+from .crop_encoder import CropEncoder
+from .tpavi import TPAVI
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class AVSOutput:
+    """What ``AVSModel.forward`` returns. B clips of T frames; stage k has size h_k × w_k (stride 4·2^k)."""
+
+    logits: Tensor  # [B, T, 1, H, W] mask logits
+    # The four [B·T, C, h_k, w_k] maps after TPAVI, as the reference leaves them (ReLU'd by the decoder), which is
+    # what its AVM loss reads.
+    stage_maps: list[Tensor]
+    audio_proj: dict[int, Tensor] = field(default_factory=dict)  # per TPAVI stage: [B, T, C]
+    av_scores: dict[int, Tensor] = field(default_factory=dict)  # per TPAVI stage: [B, T, h_k, w_k], θ_i·φ_t
+    crop_embedding: Tensor | None = None  # [B, T, E] when crops were given
+    crop_logits: Tensor | None = None  # [B, T, num_classes] when crops were given and a classifier exists
+    crop_audio: Tensor | None = None  # [B, E]: the clip's audio averaged over T and projected, for crop agreement
+
+
+class DilatedNeck(nn.Module):
+    """Sum of four 3×3 convs with dilation = padding = 3, 6, 12, 18 (the reference's ``Classifier_Module``)."""
+
+    def __init__(self, in_channels: int, channels: int, dilations: tuple[int, ...] = (3, 6, 12, 18)) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(in_channels, channels, kernel_size=3, padding=d, dilation=d, bias=True) for d in dilations)
+        for conv in self.convs:
+            nn.init.normal_(conv.weight, 0.0, 0.01)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [N, in_channels, h, w] -> [N, channels, h, w]."""
+        out = self.convs[0](x)
+        for conv in self.convs[1:]:
+            out = out + conv(x)
+        return out
+
+
+class ResidualConvUnit(nn.Module):
+    """conv3×3(relu(conv3×3(relu(x)))) + relu(x).
+
+    The residual is relu(x), not x: the reference applies ``nn.ReLU(inplace=True)`` to its input first, so the
+    skip path sees the rectified tensor, and so does every other holder of that tensor.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=True)
+        self.conv2 = nn.Conv2d(channels, channels, kernel_size=3, padding=1, bias=True)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, C, h, w] -> (out [N, C, h, w], relu(x), i.e. x as the reference leaves it)."""
+        x = F.relu(x)
+        return self.conv2(F.relu(self.conv1(x))) + x, x
+
+
+class FeatureFusionBlock(nn.Module):
+    """out = up2(RCU₂(a + RCU₁(b))) with two inputs, up2(RCU₂(a)) with one; bilinear, align_corners=True."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.rcu1 = ResidualConvUnit(channels)
+        self.rcu2 = ResidualConvUnit(channels)
+
+    def forward(self, x: Tensor, skip: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """x [N, C, h, w], skip [N, C, h, w] or None -> (out [N, C, 2h, 2w], left [N, C, h, w]).
+
+        ``left`` is the stage map as the reference's in-place ReLU leaves it: relu(skip) for a two-input block,
+        relu(x) for the one-input top block. The model returns these as ``stage_maps``.
+        """
+        if skip is None:
+            out, left = self.rcu2(x)
+        else:
+            residual, left = self.rcu1(skip)
+            out, _ = self.rcu2(x + residual)
+        return F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=True), left
+
+
+class Upsample(nn.Module):
+    def __init__(self, scale_factor: float, mode: str = "bilinear", align_corners: bool = False) -> None:
+        super().__init__()
+        self.scale_factor, self.mode, self.align_corners = scale_factor, mode, align_corners
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners)
+
+
+def make_head(channels: int) -> nn.Sequential:
+    """conv3×3 C→128, ×2 bilinear (align_corners=False, unlike the decoder), conv3×3 128→32, ReLU,
+    conv1×1 32→1.
+
+    Indices 0, 2, 4 hold the convs, as the reference's ``output_conv`` does.
+    """
+    return nn.Sequential(
+        nn.Conv2d(channels, 128, kernel_size=3, padding=1),
+        Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+        nn.Conv2d(128, 32, kernel_size=3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 1, kernel_size=1),
+    )
+
+
+class AVSModel(nn.Module):
+    """TPAVI AVS model. ``forward(frames [B,T,3,H,W], audio [B,T,audio_dim]) -> AVSOutput``; H, W multiples of 32."""
+
+    def __init__(self, config: ModelConfig, backbone: Backbone | None = None,
+                 crop_encoder: CropEncoder | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = backbone if backbone is not None else build_backbone(config.backbone, config.backbone_weights)
+        c = config.channels
+        self.necks = nn.ModuleList(DilatedNeck(cin, c) for cin in self.backbone.channels)
+        self.tpavi_stages = tuple(sorted(config.tpavi_stages)) if config.audio else ()
+        self.tpavi = nn.ModuleDict({str(s): TPAVI(c, config.audio_dim) for s in self.tpavi_stages})
+        # decoder[k] fuses stage k (the reference's path{k+1}); it runs from k = 3 down to 0.
+        self.decoder = nn.ModuleList(FeatureFusionBlock(c) for _ in range(4))
+        # The top block has one input, so its rcu1 never runs; the reference keeps it (and its checkpoint weights).
+        # Frozen, so that DistributedDataParallel does not wait for gradients that never come.
+        self.decoder[3].rcu1.requires_grad_(False)
+        self.head = make_head(c)
+        self.crop_encoder = crop_encoder
+        self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        """uint8 [N,3,H,W] in 0..255 or float in 0..1 -> ImageNet-normalised float."""
+        if images.dtype == torch.uint8:
+            images = images.float() / 255.0
+        return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+
+    def forward(self, frames: Tensor, audio: Tensor | None = None, crops: Tensor | None = None) -> AVSOutput:
+        """Segment the sounding object.
+
+        frames [B, T, 3, H, W] (uint8, or float in 0..1); audio [B, T, audio_dim] (required unless the model was
+        built with ``audio=False``); crops [B, T, 3, h, w] of the annotated objects, only with a crop encoder.
+        Crops go through the same forward so that DistributedDataParallel sees every parameter used.
+        """
+        B, T, _, H, W = frames.shape
+        if self.tpavi_stages and (audio is None or audio.shape[:2] != (B, T)):
+            raise ValueError(f"audio must be [B={B}, T={T}, {self.config.audio_dim}], "
+                             f"got {None if audio is None else tuple(audio.shape)}")
+        x = self.normalize(frames.flatten(0, 1))  # [B·T, 3, H, W]
+        maps = [neck(f) for neck, f in zip(self.necks, self.backbone(x))]  # 4 × [B·T, C, h_k, w_k]
+
+        audio_proj: dict[int, Tensor] = {}
+        av_scores: dict[int, Tensor] = {}
+        for s in self.tpavi_stages:
+            _, C, h, w = maps[s].shape
+            v = maps[s].view(B, T, C, h, w).transpose(1, 2)  # [B, C, T, h, w]
+            out = self.tpavi[str(s)](v, audio)
+            maps[s] = out.visual.transpose(1, 2).reshape(B * T, C, h, w)
+            audio_proj[s], av_scores[s] = out.audio_proj, out.av_scores
+
+        d, maps[3] = self.decoder[3](maps[3])  # [B·T, C, H/16, W/16]
+        for s in (2, 1, 0):
+            d, maps[s] = self.decoder[s](d, maps[s])  # ends at [B·T, C, H/2, W/2]
+        logits = self.head(d).view(B, T, 1, H, W)
+
+        output = AVSOutput(logits=logits, stage_maps=maps, audio_proj=audio_proj, av_scores=av_scores)
+        if crops is not None:
+            if self.crop_encoder is None:
+                raise ValueError("crops were given but the model has no crop encoder (model.crop_mode = 'off')")
+            shared = self.backbone if self.crop_encoder.trunk is None else None
+            crop_out = self.crop_encoder(self.normalize(crops.flatten(0, 1)), shared_trunk=shared)
+            output.crop_embedding = crop_out.embedding.view(B, T, -1)
+            if crop_out.logits is not None:
+                output.crop_logits = crop_out.logits.view(B, T, -1)
+            if audio is not None:
+                output.crop_audio = self.crop_encoder.project_audio(audio)
+        return output
+
+
+def build_model(config: ModelConfig) -> AVSModel:
+    """Build the AVS model of ``config``, loading local backbone weights where the config names them."""
+    backbone = build_backbone(config.backbone, config.backbone_weights)
+    crop_encoder = None
+    if config.crop_mode != "off":
+        if config.crop_mode == "separate":
+            trunk = build_backbone(config.crop_backbone, config.crop_backbone_weights)
+            trunk_channels = trunk.channels[-1]
+        else:
+            trunk, trunk_channels = None, backbone.channels[-1]
+        crop_encoder = CropEncoder(trunk_channels, num_classes=config.num_classes, embed_dim=config.crop_embed_dim,
+                                   audio_dim=config.audio_dim, trunk=trunk)
+    model = AVSModel(config, backbone=backbone, crop_encoder=crop_encoder)
+    log.info("built AVS model: %s, C=%d, TPAVI stages %s, crop mode %s, %.1fM parameters", config.backbone,
+             config.channels, model.tpavi_stages, config.crop_mode,
+             sum(p.numel() for p in model.parameters()) / 1e6)
+    return model
