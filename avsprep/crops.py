@@ -198,6 +198,20 @@ class ClipBuilder:
         return clipped_boxes
 
 
+def negative_audio_embeddings(embedder, frames_per_clip: int, noise_clips: int = 16,
+                               seed: int = 0) -> dict[str, np.ndarray]:
+    """Embeddings of audio that should segment nothing, made with the dataset's own embedder, so that training
+    and evaluation with negative audio (DESIGN §7, §9) never need the audio network:
+    `silence` [1,T,128] (digital silence) and `noise` [noise_clips,T,128] (white noise, RMS 0.01..0.3)."""
+    seconds = frames_per_clip * audio_lib.EXAMPLE_SECONDS + 0.1
+    samples = int(seconds * audio_lib.SAMPLE_RATE)
+    rng = np.random.default_rng(seed)
+    waves = [np.zeros(samples, np.float32)]
+    waves += [(rng.standard_normal(samples) * rng.uniform(0.01, 0.3)).astype(np.float32) for _ in range(noise_clips)]
+    embeddings = np.stack([embedder.embed(audio_lib.waveform_to_examples(wave)[:frames_per_clip]) for wave in waves])
+    return {"silence": embeddings[:1], "noise": embeddings[1:]}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Running the stage: plan shards, build the missing ones in worker processes, write the manifest.
 
@@ -299,7 +313,11 @@ def run_crops(sources: SourceOptions, config: CropsConfig,
                 report_progress(progress_queue.get())
 
     infos = [done[plan.index] for plan in plans]
+    negatives = None
+    if settings.has_audio:
+        embedder = audio_lib.make_embedder(config.embedder, config.vggish_weights, config.vggish_pca)
+        negatives = shard_io.write_negatives(out, negative_audio_embeddings(embedder, sources.frames_per_clip))
     manifest = shard_io.write_manifest(out, settings, infos, config.clips_per_shard, config.num_parts,
-                                       config.part_index, discovery_skips)
+                                       config.part_index, discovery_skips, negatives)
     skipped = discovery_skips + [s for info in infos for s in info.skipped]
     return CropsResult(manifest=manifest, written=len(todo), reused=len(plans) - len(todo), skipped=skipped)

@@ -200,12 +200,37 @@ def write_shard(plan: ShardPlan, records: list, skipped: list[dict], compression
         return _info_from_file(plan.path, handle)
 
 
+NEGATIVES = "negatives.h5"
+
+
+def write_negatives(out: Path, embeddings: dict[str, np.ndarray]) -> dict:
+    """Write the negative-audio embeddings (silence, noise) beside the shards; returns their manifest entry."""
+    path = Path(out) / NEGATIVES
+    temporary = path.with_name(path.name + f"{TEMPORARY_SUFFIX}-{os.getpid()}")
+    with h5py.File(temporary, "w", track_order=False) as handle:
+        for key, values in embeddings.items():
+            handle.create_dataset(key, data=values.astype(np.float32), track_times=False)
+    os.replace(temporary, path)
+    return {"file": NEGATIVES, "checksums": {key: dataset_checksum(v.astype(np.float32)) for key, v in embeddings.items()},
+            "shapes": {key: list(v.shape) for key, v in embeddings.items()}}
+
+
+def read_negatives(shards_dir: Path) -> dict[str, np.ndarray]:
+    """{"silence": [1,T,128], "noise": [M,T,128]} float32 written by `avsprep crops` (InputError if absent)."""
+    path = Path(shards_dir) / NEGATIVES
+    try:
+        with h5py.File(path, "r") as handle:
+            return {key: handle[key][()] for key in handle}
+    except (OSError, KeyError) as error:
+        raise InputError(path, f"cannot read negative-audio embeddings ({error}); re-run avsprep crops") from None
+
+
 def manifest_name(num_parts: int, part_index: int) -> str:
     return MANIFEST if num_parts == 1 else f"manifest.part-{part_index:03d}-of-{num_parts:03d}.json"
 
 
 def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], clips_per_shard: int,
-                   num_parts: int, part_index: int, discovery_skips: list[dict]) -> dict:
+                   num_parts: int, part_index: int, discovery_skips: list[dict], negatives: dict | None = None) -> dict:
     """Write the manifest (atomically) listing the complete shards of this part; returns it."""
     splits: Counter = Counter()
     classes: Counter = Counter()
@@ -233,6 +258,7 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
         "class_counts": dict(sorted(classes.items())),
         "report": dict(sorted(report.items())),
         "skipped": discovery_skips + [s for info in infos for s in info.skipped],
+        "negatives": negatives,
         "shards": [{"file": i.file, "index": i.index, "clips": i.clips, "splits": i.splits,
                     "checksums": i.checksums, "bytes": i.bytes} for i in sorted(infos, key=lambda i: i.index)],
     }
@@ -298,6 +324,14 @@ def verify(shards_dir: Path, progress=None) -> list[str]:
             problems.append(f"{path}: cannot read shard ({error})")
         if progress:
             progress(1)
+    if manifest.get("negatives"):
+        try:
+            negatives = read_negatives(shards_dir)
+            for key, checksum in manifest["negatives"]["checksums"].items():
+                if key not in negatives or dataset_checksum(negatives[key]) != checksum:
+                    problems.append(f"{Path(shards_dir) / NEGATIVES}: checksum of {key} does not match the manifest")
+        except InputError as error:
+            problems.append(str(error))
     return problems
 
 

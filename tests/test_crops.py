@@ -77,6 +77,13 @@ def test_crops_then_inspect_verify(dataset, tmp_path):
     np.testing.assert_allclose(arrays["audio"][4], audio_lib.LogMelStatsEmbedder().embed(examples), rtol=1e-6)
     assert padded == 0
 
+    # Negative audio for training and the reliance suite, made with the same embedder.
+    from avsprep.shards import read_negatives
+    negatives = read_negatives(out)
+    assert negatives["silence"].shape == (1, 3, 128) and negatives["noise"].shape == (16, 3, 128)
+    assert not np.allclose(negatives["silence"][0], negatives["noise"][0])
+    assert manifest["negatives"]["shapes"] == {"noise": [16, 3, 128], "silence": [1, 3, 128]}
+
 
 def shard_bytes(shards_dir):
     return {p.name: p.read_bytes() for p in sorted(shards_dir.iterdir())}
@@ -91,10 +98,10 @@ def test_same_input_same_bytes_and_workers_agree(dataset, tmp_path):
 def test_rerun_reuses_complete_shards(dataset, tmp_path):
     out = tmp_path / "shards"
     run(crops_args(dataset, out))
-    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")}
     result = run(crops_args(dataset, out))
     assert "0 written, 3 already complete" in result.output
-    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("*.h5")}
+    assert before == {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.h5")}
 
 
 def test_killed_run_resumes_to_the_same_clips(tmp_path):
