@@ -704,7 +704,11 @@ def _info_bytes(config: SynthConfig) -> bytes:
 
 
 def _claim_output(out: Path, info: bytes) -> None:
-    """Accept an empty or missing folder, or one holding (part of) this very set; refuse anything else."""
+    """Accept an empty or missing folder, or one holding (part of) this very set; refuse anything else.
+
+    Re-running into a folder of the same set rewrites every file with the same bytes, so a run interrupted at any
+    point is completed by running it again.
+    """
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")
     if out.exists() and any(out.iterdir()):
@@ -713,6 +717,8 @@ def _claim_output(out: Path, info: bytes) -> None:
             raise InputError(out, "is not empty and does not hold a synthetic set of this configuration "
                                   "(info.json missing or different); choose another folder")
     out.mkdir(parents=True, exist_ok=True)
+    for leftover in out.rglob(".*.tmp"):     # from a run killed while writing; the re-run rewrites the file itself
+        leftover.unlink()
     _write_atomic(out / "info.json", info)
 
 
@@ -743,7 +749,8 @@ def generate(config: SynthConfig, progress: Callable[[int], None] | None = None)
             if progress:
                 progress(1)
     else:
-        with get_context().Pool(config.workers, initializer=_worker_init) as pool:
+        # "spawn", not fork: a child forked after OpenCV has started its thread pool in the parent can hang for ever.
+        with get_context("spawn").Pool(config.workers, initializer=_worker_init) as pool:
             for record in pool.imap_unordered(_write_clip_job, jobs, chunksize=4):
                 records.append(record)
                 if progress:

@@ -5,8 +5,8 @@ disjoint block of the split's clips, reads them one chunk (one clip) at a time, 
 The order of an epoch is a pure function of (seed, epoch, rank, worker), computed from indices alone, so it can be
 reproduced (and a resumed run can skip what it has already seen) without reading any data.
 
-Frames and crops stay uint8 until they reach the device; `normalize_frames` turns them into ImageNet-normalised
-floats there.
+Frames and crops stay uint8 until they reach the device: small transfers from workers, and the model normalises
+them there.
 """
 from __future__ import annotations
 
@@ -26,8 +26,6 @@ from avsprep.shards import read_manifest
 
 log = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_FIELDS = ("frames", "masks", "mask_valid", "crops", "crop_valid", "boxes", "audio", "label", "sounding")
 
 
@@ -193,10 +191,3 @@ class ShardDataset(IterableDataset):
         state["_files"] = {}  # open HDF5 handles do not cross process boundaries
         return state
 
-
-def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
-    """uint8 [..., H, W, 3] -> ImageNet-normalised float [..., 3, H, W], on the tensor's device."""
-    x = frames.float().div_(255.0).movedim(-1, -3)
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(3, 1, 1)
-    return (x - mean) / std
