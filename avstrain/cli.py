@@ -1,5 +1,97 @@
+"""`avstrain`: train, evaluate. The command line parses arguments and calls the library."""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+
 import click
 
+from avsprep.errors import InputError
+from avstrain.config import ConfigError
+
+EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def exits_cleanly_on_bad_input(command):
+    """Bad input or a bad config ends in one line on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (InputError, ConfigError) as error:
+            click.echo(f"avstrain: error: {error}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
 @click.group()
-def main():
-    """avsprep"""
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(verbose: bool) -> None:
+    """Train and evaluate the AVSBench TPAVI model on avsprep shards."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.option("--config", "config_path", type=EXISTING_FILE, help="TOML config (configs/*.toml).")
+@click.option("--shards", required=True, type=EXISTING_DIR, help="Shard folder written by avsprep crops.")
+@click.option("--name", help="Run name: writes runs/<name>/ (default: the config file's stem).")
+@click.option("--runs", default=Path("runs"), type=click.Path(file_okay=False, path_type=Path), show_default=True)
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config field.")
+@click.option("--resume", is_flag=True, help="Continue from runs/<name>/last.pt exactly where it stopped.")
+@exits_cleanly_on_bad_input
+def train(config_path, shards, name, runs, overrides, resume):
+    """Train the TPAVI model; writes config.toml, steps.jsonl, metrics.jsonl, last.pt, best.pt."""
+    from avstrain.config import load_config
+    from avstrain.train import train as run_training
+
+    config = load_config(config_path, list(overrides))
+    run_dir = runs / (name or (config_path.stem if config_path else "default"))
+    bar = click.progressbar(length=1, label=f"training {run_dir.name}", file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        bar.length = total
+        bar.update(done - bar.pos)
+
+    with bar:
+        result = run_training(config, shards, run_dir, resume=resume, progress=progress)
+    click.echo(f"{result['steps']} steps; best val mIoU {result['best_miou']:.4f}; run folder {run_dir}")
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", required=True, type=EXISTING_FILE)
+@click.option("--shards", required=True, type=EXISTING_DIR)
+@click.option("--split", default="test", show_default=True)
+@click.option("--suite", type=click.Choice(["reliance"]), help="The audio-reliance suite (true, swap, silence, noise, off-screen).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON output (default: eval-<split>.json or reliance.json beside the checkpoint).")
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=0, show_default=True, type=click.IntRange(0))
+@exits_cleanly_on_bad_input
+def evaluate(checkpoint, shards, split, suite, out, batch_size, workers):
+    """mIoU, F and F_avsbench overall and per class, or the reliance suite; JSON plus a table."""
+    import torch
+
+    from avstrain.evaluate import evaluate as run_evaluation, format_table, reliance_suite
+    from avstrain.train import load_checkpoint, model_from_checkpoint, resolve_amp
+
+    state = load_checkpoint(checkpoint)
+    model, config = model_from_checkpoint(state)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    amp_dtype = resolve_amp(config.train.amp, device)
+    run = reliance_suite if suite == "reliance" else run_evaluation
+    results = run(model, shards, split, device, amp_dtype, batch_size=batch_size, num_workers=workers)
+    out = out or checkpoint.parent / ("reliance.json" if suite else f"eval-{split}.json")
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    click.echo(format_table(results))
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

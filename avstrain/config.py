@@ -1,13 +1,18 @@
-"""Typed configuration sections of the trainer (DESIGN §12).
+"""Typed configuration of the trainer (DESIGN §12), nanoGPT-style: plain dataclass fields, one per knob.
 
-One plain dataclass per section; defaults are the AVSBench recipe (ResNet-50, C=256, 224 px, TPAVI at all four
-stages, mask BCE only). TOML files and ``--set section.key=value`` overrides fill these in; unknown keys are an
-error at that level, not here.
+One dataclass per section (`data`, `model`, `loss`, `optim`, `train`, `eval`); defaults are the AVSBench S4 recipe
+(ResNet-50, C=256, 224 px, TPAVI at all four stages, mask BCE only, Adam 1e-4, batch 4, 15 epochs). A TOML file in
+`configs/` fills them in and `--set section.key=value` overrides any field; unknown sections or keys are errors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
 
 BACKBONES = ("resnet18", "resnet34", "resnet50", "pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4",
              "pvt_v2_b5")
@@ -80,4 +85,168 @@ class LossConfig:
             raise ValueError("loss.avm > 0 needs at least one stage in loss.avm_stages")
 
 
-__all__ = ["ModelConfig", "LossConfig", "BACKBONES", "CROP_MODES", "AVM_VARIANTS"]
+@dataclass
+class DataConfig:
+    """Which splits to read and how to augment training clips."""
+
+    train_split: str = "train"
+    val_split: str = "val"
+    buffer_size: int = 256  # shuffle buffer per DataLoader worker
+    augment: bool = True
+    flip: float = 0.5
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    batch_size: int = 4
+    epochs: int = 15
+    lr_schedule: str = "constant"  # "constant" (the reference) or "cosine" (decays to 0 over the run)
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0: off
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    workers: int = 2  # DataLoader workers
+    # Negative audio (DESIGN §7): probability that a training clip's audio is replaced by silence, noise or an
+    # off-screen class, with an empty target.
+    negatives: float = 0.0
+    negative_kinds: tuple[str, ...] = ("silence", "noise", "offscreen")
+    amp: str = "auto"  # "auto" (bf16 on CUDA; on CPU see the README), "bf16" or "fp32"
+    channels_last: bool = True
+    checkpoint_every: int = 0  # also save step-<n>.pt every n steps; 0: only last.pt and best.pt
+    max_steps: int = 0  # stop after this many steps in total (smoke runs); 0: run every epoch
+    threads: int = 0  # torch intra-op threads; 0: torch's default
+
+    def __post_init__(self) -> None:
+        self.negative_kinds = tuple(self.negative_kinds)
+        unknown = set(self.negative_kinds) - {"silence", "noise", "offscreen"}
+        if unknown:
+            raise ValueError(f"train.negative_kinds: unknown kinds {sorted(unknown)}")
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"train.amp must be auto, bf16 or fp32, got {self.amp!r}")
+        if not 0 <= self.negatives <= 1:
+            raise ValueError(f"train.negatives is a probability, got {self.negatives}")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 4  # the reference tests with batches of 4 clips (f_avsbench depends on it)
+    every: int = 1  # validate every n epochs
+    max_clips: int = 0  # validate on at most this many clips; 0: the whole split
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the dataclasses (unknown key, wrong type)."""
+
+
+def _coerce(section: str, key: str, hint, value):
+    """A TOML value as the field's type: ints become floats, lists tuples; anything else must already fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if origin is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _coerce(section, key, inner, value)
+    expected = origin or hint
+    if isinstance(value, bool) != (expected is bool) or not isinstance(value, expected):
+        raise ConfigError(f"{section}.{key} must be {getattr(expected, '__name__', expected)}, got {value!r}")
+    return value
+
+
+def build_config(sections: dict) -> Config:
+    """Config from a {section: {key: value}} mapping; unknown sections or keys and wrong types are ConfigErrors."""
+    built = {}
+    for section_field in dataclasses.fields(Config):
+        cls = section_field.type if isinstance(section_field.type, type) else globals()[section_field.type]
+        hints = typing.get_type_hints(cls)
+        values = dict(sections.get(section_field.name, {}))
+        unknown = set(values) - set(hints)
+        if unknown:
+            raise ConfigError(f"unknown key(s) in [{section_field.name}]: {', '.join(sorted(unknown))}")
+        try:
+            built[section_field.name] = cls(**{k: _coerce(section_field.name, k, hints[k], v) for k, v in values.items()})
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+    unknown_sections = set(sections) - set(built)
+    if unknown_sections:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown_sections))}")
+    return Config(**built)
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """`section.key=value` -> (section, key, value); the value is a TOML literal, or a plain string if it is not one."""
+    name, sep, raw = text.partition("=")
+    section, dot, key = name.strip().partition(".")
+    if not sep or not dot or not section or not key:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    try:
+        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML config (or start from the defaults) and apply `section.key=value` overrides."""
+    sections: dict[str, dict] = {}
+    if path is not None:
+        try:
+            sections = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+    for text in overrides:
+        section, key, value = parse_override(text)
+        sections.setdefault(section, {})[key] = value
+    return build_config(sections)
+
+
+def config_to_dict(config: Config) -> dict:
+    """Plain nested dict (tuples as lists) for checkpoints and TOML."""
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+    return {name: {k: plain(v) for k, v in section.items()} for name, section in dataclasses.asdict(config).items()}
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def config_to_toml(config: Config) -> str:
+    """The resolved config as TOML (fields that are None are left out: None is their default)."""
+    lines = []
+    for section, values in config_to_dict(config).items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items() if value is not None]
+        lines.append("")
+    return "\n".join(lines)
+
+
+__all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
+           "EvalConfig", "load_config", "build_config", "parse_override", "config_to_dict", "config_to_toml",
+           "BACKBONES", "CROP_MODES", "AVM_VARIANTS"]
