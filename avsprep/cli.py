@@ -58,7 +58,7 @@ def main(verbose: bool) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--clips", default=600, show_default=True, type=click.IntRange(1))
 @click.option("--num-classes", default=5, show_default=True, type=click.IntRange(3))
-@click.option("--size", default=224, show_default=True, type=click.IntRange(16), help="Frame side in pixels.")
+@click.option("--size", default=224, show_default=True, type=click.IntRange(32), help="Frame side in pixels.")
 @click.option("--frames-per-clip", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--sources", default="1", type=click.Choice(["1", "2"]), help="Sounding objects per scene (2: MS3-style).")
 @click.option("--difficulty", default="easy", type=click.Choice(["easy", "hard"]))

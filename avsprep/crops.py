@@ -295,9 +295,9 @@ def run_crops(sources: SourceOptions, config: CropsConfig,
             info = _write_shard(plan)
             done[info.index] = info
     else:
-        # fork: workers start at once with the modules already imported. The parent never runs torch ops,
-        # so there is no thread pool to inherit in a broken state.
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        # spawn, not fork: a forked child of a process whose OpenCV (or torch) thread pool has run can hang, and
+        # library callers may well have used OpenCV before. A fresh worker imports in about 0.3 s (no torch).
+        context = multiprocessing.get_context("spawn")
         progress_queue = context.Queue()
         with context.Pool(min(config.workers, len(todo)), initializer=_init_worker,
                           initargs=(*init_args, progress_queue)) as pool:

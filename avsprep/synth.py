@@ -43,10 +43,10 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np
@@ -147,9 +147,16 @@ def _sound_bands(num_classes: int) -> list[tuple[float, float]]:
     ]
 
 
+class SynthOptionError(InputError, ValueError):
+    """A bad generator option: a ValueError to library callers, bad input (one line, exit 2) to the CLI."""
+
+    def __init__(self, problem: str):
+        super().__init__(None, problem)
+
+
 def _check_num_classes(num_classes: int) -> None:
     if not 3 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be between 3 and {MAX_CLASSES}, got {num_classes}")
+        raise SynthOptionError(f"--num-classes must be between 3 and {MAX_CLASSES}, got {num_classes}")
 
 
 def class_specs(num_classes: int) -> list[ClassSpec]:
@@ -204,25 +211,22 @@ class SynthConfig:
         return self.sources + 1 + _DIFFICULTY[self.difficulty].extra_objects
 
     def validate(self) -> None:
-        """Raise ValueError naming the first bad option."""
+        """Raise SynthOptionError (a ValueError) naming the first bad option."""
         if self.difficulty not in _DIFFICULTY:
-            raise ValueError(f"difficulty must be one of {sorted(_DIFFICULTY)}, got {self.difficulty!r}")
+            raise SynthOptionError(f"--difficulty must be one of {sorted(_DIFFICULTY)}, got {self.difficulty!r}")
         if self.sources not in (1, 2):
-            raise ValueError(f"sources must be 1 or 2, got {self.sources}")
+            raise SynthOptionError(f"--sources must be 1 or 2, got {self.sources}")
         _check_num_classes(self.num_classes)
         # One class must always be off screen: the hard-mode distractor and the evaluation's off-screen audio need it.
         if self.num_classes < self.visible_objects + 1:
-            raise ValueError(f"num_classes must be at least {self.visible_objects + 1} for sources={self.sources} "
-                             f"and difficulty={self.difficulty!r} (scenes show {self.visible_objects} classes and "
-                             f"one more must be off screen), got {self.num_classes}")
-        if self.clips < 1:
-            raise ValueError(f"clips must be at least 1, got {self.clips}")
-        if self.size < 32:
-            raise ValueError(f"size must be at least 32 pixels, got {self.size}")
-        if self.frames_per_clip < 1:
-            raise ValueError(f"frames_per_clip must be at least 1, got {self.frames_per_clip}")
-        if self.workers < 1:
-            raise ValueError(f"workers must be at least 1, got {self.workers}")
+            raise SynthOptionError(
+                f"--num-classes must be at least {self.visible_objects + 1} with --sources {self.sources} and "
+                f"--difficulty {self.difficulty} (scenes show {self.visible_objects} classes and one more must be "
+                f"off screen), got {self.num_classes}")
+        for option, value, least in (("--clips", self.clips, 1), ("--size", self.size, 32),
+                                     ("--frames-per-clip", self.frames_per_clip, 1), ("--workers", self.workers, 1)):
+            if value < least:
+                raise SynthOptionError(f"{option} must be at least {least}, got {value}")
 
 
 @dataclass
@@ -316,11 +320,11 @@ def _rasterise(obj: SceneObject, size: int) -> np.ndarray:
     for t, ((cx, cy), angle) in enumerate(zip(obj.centres * size, obj.angles)):
         mask = frames[t]
         if outline is None:
-            centre = (int(round(cx * one)), int(round(cy * one)))
+            centre = (round(cx * one), round(cy * one))
             radius = _ROUND_RADIUS[obj.shape] * scale
-            cv2.circle(mask, centre, int(round(radius * one)), 1, thickness=-1, lineType=cv2.LINE_8, shift=shift)
+            cv2.circle(mask, centre, round(radius * one), 1, thickness=-1, lineType=cv2.LINE_8, shift=shift)
             if obj.shape == "ring":
-                cv2.circle(mask, centre, int(round(radius * _RING_INNER * one)), 0, thickness=-1,
+                cv2.circle(mask, centre, round(radius * _RING_INNER * one), 0, thickness=-1,
                            lineType=cv2.LINE_8, shift=shift)
         else:
             a = math.radians(angle)
@@ -506,7 +510,7 @@ def render_class_audio(class_index: int, seconds: float, rng: np.random.Generato
     For evaluations that need a class's audio by itself (e.g. an off-screen class).
     """
     spec = class_specs(num_classes)[class_index]
-    return (_class_sound(spec, int(round(seconds * SAMPLE_RATE)), rng) * SOURCE_RMS).astype(np.float32)
+    return (_class_sound(spec, round(seconds * SAMPLE_RATE), rng) * SOURCE_RMS).astype(np.float32)
 
 
 def _pink_noise(rng: np.random.Generator, samples: int) -> np.ndarray:
@@ -521,7 +525,7 @@ def _render_audio(rng: np.random.Generator, scene: Scene, config: SynthConfig) -
     """The clip's sound as int16 PCM: sounding classes (+ hard-mode distractor) + background noise."""
     difficulty = _DIFFICULTY[config.difficulty]
     specs = class_specs(config.num_classes)
-    samples = int(round((config.frames_per_clip + AUDIO_TAIL_S) * SAMPLE_RATE))
+    samples = round((config.frames_per_clip + AUDIO_TAIL_S) * SAMPLE_RATE)
     mix = np.zeros(samples)
     for i in scene.sounding:
         mix += _class_sound(specs[scene.objects[i].class_index], samples, rng) * _db(rng.uniform(-1.5, 1.5))
@@ -577,8 +581,8 @@ def yolo_lines(objects: list[tuple[int, tuple[int, int, int, int]]], width: int,
     """labelImg YOLO text: `class cx cy w h`, normalised, 6 decimals, one line per box."""
     lines = []
     for class_index, (xmin, ymin, xmax, ymax) in objects:
-        lines.append("%d %.6f %.6f %.6f %.6f\n" % (class_index, (xmin + xmax) / 2 / width, (ymin + ymax) / 2 / height,
-                                                    (xmax - xmin) / width, (ymax - ymin) / height))
+        cx, cy = (xmin + xmax) / 2 / width, (ymin + ymax) / 2 / height
+        lines.append(f"{class_index:d} {cx:.6f} {cy:.6f} {(xmax - xmin) / width:.6f} {(ymax - ymin) / height:.6f}\n")
     return "".join(lines).encode()
 
 
@@ -733,7 +737,8 @@ def _csv_bytes(header: list[str], rows: list[list[str]]) -> bytes:
 def generate(config: SynthConfig, progress: Callable[[int], None] | None = None) -> SynthSummary:
     """Write a synthetic AVS set under `config.out`; `progress(n)` is called as clips complete.
 
-    Raises ValueError for a bad option and InputError when `out` holds something else.
+    Raises SynthOptionError (an InputError and a ValueError) for a bad option, InputError when `out` holds
+    something else.
     """
     config.validate()
     started = time.perf_counter()

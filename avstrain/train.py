@@ -65,6 +65,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
+def to_channels_last(model: torch.nn.Module) -> None:
+    """channels-last for the 2-D convolutions (TPAVI's Conv3d weights are 5-D and stay as they are)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            module.to(memory_format=torch.channels_last)
+
+
 def save_atomic(state: dict, path: Path) -> None:
     temporary = path.with_name(path.name + ".partial")
     torch.save(state, temporary)
@@ -225,7 +232,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
 
     model = build_for_shards(config, manifest).to(device)
     if config.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        to_channels_last(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                                  weight_decay=config.optim.weight_decay)
     negatives_generator = torch.Generator().manual_seed(config.train.seed)
