@@ -1,0 +1,134 @@
+"""Config loading, the training loop (files, checkpoints, exact resume) and the avstrain CLI, on real tiny shards."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from avsprep.cli import main as avsprep_main
+from avstrain.cli import main as avstrain_main
+from avstrain.config import ConfigError, build_config, config_to_toml, load_config
+from avstrain.train import train
+
+import tomllib
+
+TINY = ["--set", "model.backbone=resnet18", "--set", "model.channels=16", "--set", "model.image_size=64",
+        "--set", "optim.batch_size=4", "--set", "train.workers=2", "--set", "eval.batch_size=4"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    runner = CliRunner()
+    result = runner.invoke(avsprep_main, ["synth", "--out", str(root / "d"), "--clips", "24", "--size", "64",
+                                          "--frames-per-clip", "3"])
+    assert result.exit_code == 0, result.output
+    d = root / "d"
+    result = runner.invoke(avsprep_main, ["crops", "--voc", str(d / "labels"), "--images", str(d / "visual_frames"),
+                                          "--masks", str(d / "gt_masks"), "--other-masks", str(d / "other_masks"),
+                                          "--audio", str(d / "audio_wav"), "--meta", str(d / "meta.csv"),
+                                          "--out", str(root / "s"), "--size", "64", "--crop-size", "32",
+                                          "--frames-per-clip", "3", "--clips-per-shard", "8"])
+    assert result.exit_code == 0, result.output
+    return root / "s"
+
+
+def test_config_file_overrides_and_round_trip(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\nbackbone = "resnet18"\nchannels = 32\n[optim]\nlr = 1\n')
+    config = load_config(path, ["model.backbone_weights=weights/resnet18.pth", "loss.avm=0.5",
+                                "model.tpavi_stages=[2, 3]", "train.amp=fp32"])
+    assert config.model.channels == 32 and config.optim.lr == 1.0 and isinstance(config.optim.lr, float)
+    assert config.model.backbone_weights == "weights/resnet18.pth"  # not TOML: taken as a plain string
+    assert config.model.tpavi_stages == (2, 3) and config.loss.avm == 0.5 and config.train.amp == "fp32"
+    assert build_config(tomllib.loads(config_to_toml(config))) == config
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.bogus=1", "unknown key"),
+    ("nosuch.key=1", "unknown config section"),
+    ("optim.lr=fast", "must be float"),
+    ("model.backbone=resnet1000", "model.backbone must be one of"),
+    ("justakey", "section.key=value"),
+])
+def test_bad_config_is_a_config_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/*.toml")):
+        load_config(path)
+
+
+def tiny_config(*extra):
+    overrides = [TINY[i + 1] for i in range(0, len(TINY), 2)] + list(extra)
+    return load_config(None, overrides)
+
+
+def test_train_writes_run_folder_and_loadable_checkpoints(shards, tmp_path):
+    config = tiny_config("optim.epochs=2", "train.checkpoint_every=3", "train.negatives=0.5")
+    result = train(config, shards, tmp_path / "run")
+    run = tmp_path / "run"
+    steps = [json.loads(line) for line in (run / "steps.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == list(range(1, result["steps"] + 1))
+    assert {"loss", "bce", "lr", "epoch"} <= set(steps[0])
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert 0.0 <= metrics[-1]["val"]["overall"]["miou"] <= 1.0
+    for name in ("last.pt", "best.pt", "step-3.pt"):
+        state = torch.load(run / name, weights_only=True)
+        assert state["config"]["model"]["channels"] == 16
+    assert build_config(tomllib.loads((run / "config.toml").read_text())) == config
+
+
+def test_resume_continues_exactly(shards, tmp_path):
+    """A run stopped mid-epoch and resumed logs the same per-step losses as an uninterrupted run."""
+    extra = ("optim.epochs=2", "train.negatives=0.5", "model.crop_mode=separate", "loss.crop_cls=0.5",
+             "loss.crop_temporal=0.1", "loss.crop_audio=0.1")
+    whole = tmp_path / "whole"
+    train(tiny_config(*extra), shards, whole)
+    parted = tmp_path / "parted"
+    train(tiny_config(*extra, "train.max_steps=3"), shards, parted)  # stops inside epoch 0 (4 steps per epoch)
+    with (parted / "steps.jsonl").open("a") as log:  # a step logged after the last checkpoint, then a crash
+        log.write(json.dumps({"epoch": 0, "step": 4, "loss": -1.0}) + "\n")
+    train(tiny_config(*extra), shards, parted, resume=True)
+    expected = (whole / "steps.jsonl").read_text().splitlines()
+    assert (parted / "steps.jsonl").read_text().splitlines() == expected
+    assert (parted / "metrics.jsonl").read_text().count("\n") == 2
+
+
+def test_avsbench_recipe_smoke(shards, tmp_path):
+    """The AVSBench S4 ResNet-50 recipe runs two steps (batch 1) on tiny synthetic shards."""
+    from pathlib import Path
+    config = load_config(Path(__file__).resolve().parents[1] / "configs" / "avsbench-s4-r50.toml",
+                         ["optim.batch_size=1", "train.max_steps=2", "train.workers=0"])
+    result = train(config, shards, tmp_path / "s4")
+    assert result["steps"] == 2
+    assert (tmp_path / "s4" / "last.pt").exists()
+
+
+def test_cli_train_eval_and_bad_input(shards, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(avstrain_main, ["train", "--shards", str(shards), "--name", "cli", "--runs", str(tmp_path),
+                                           *TINY, "--set", "optim.epochs=1"])
+    assert result.exit_code == 0, result.output
+    checkpoint = tmp_path / "cli" / "best.pt"
+    result = runner.invoke(avstrain_main, ["eval", "--checkpoint", str(checkpoint), "--shards", str(shards)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "cli" / "eval-test.json").read_text())
+    assert report["split"] == "test" and set(report["overall"]) >= {"miou", "f", "f_avsbench"}
+    assert sum(c["clips"] for c in report["per_class"].values()) == report["overall"]["clips"]
+    result = runner.invoke(avstrain_main, ["eval", "--checkpoint", str(checkpoint), "--shards", str(shards),
+                                           "--suite", "reliance"])
+    assert result.exit_code == 0, result.output
+    reliance = json.loads((tmp_path / "cli" / "reliance.json").read_text())
+    assert {"true", "swap", "silence", "noise", "offscreen"} <= set(reliance)
+
+    bad = tmp_path / "bad.pt"
+    torch.save([1, 2, 3], bad)
+    result = runner.invoke(avstrain_main, ["eval", "--checkpoint", str(bad), "--shards", str(shards)])
+    assert result.exit_code == 2 and "not an avs-toolkit checkpoint" in result.output
+    result = runner.invoke(avstrain_main, ["train", "--shards", str(shards), "--set", "model.nope=1"])
+    assert result.exit_code == 2 and "unknown key" in result.output
