@@ -1,0 +1,505 @@
+"""Evaluation of an AVS model on a split of the shards: metrics (DESIGN §8) and the audio-reliance suite (§9).
+
+`evaluate` scores the clips' own audio against their masks, overall and per class. `reliance_suite` asks whether the
+mask follows the sound: the clip's own audio (mIoU, F), the audio of the other visible object's class taken from
+another clip (scored against that object's mask), and silence, noise and an off-screen class (FPR: with such
+audio nothing should be segmented).
+
+Both stream: clips go through the model one DataLoader batch at a time and into O(1) meters, so no prediction or
+mask of the whole split is ever held. The only per-split state is a small table (clip names, labels and, for the
+suite, audio embeddings: N×T×128 floats) read straight from the shards' small datasets, never from the frames.
+
+Every number is independent of `batch_size` and `num_workers`: clips are identified by their position in the split
+(shard order), donor audio is drawn per clip from a generator seeded by (seed, position), and the reference's
+per-batch F-measure (`f_avsbench`, 4 clips per batch in split order) is rebuilt through a small reorder buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from avsprep.errors import InputError
+from avsprep.shards import read_negatives
+from avstrain.data import ShardDataset
+from avstrain.metrics import FPRMeter, SegmentationMeter
+
+log = logging.getLogger(__name__)
+
+# The reference's test loader scores batches of 4 clips; `f_avsbench` averages the F-measure of such batches.
+REFERENCE_CLIPS_PER_BATCH = 4
+NO_CLASS = "none"
+# Separate random streams per suite condition, so adding one condition does not change another's draws.
+_STREAM_SWAP, _STREAM_NOISE, _STREAM_OFFSCREEN = 1, 2, 3
+
+Progress = Callable[[int], None]  # called with the number of clips just scored
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The model call
+
+
+def _model_uses_audio(model: nn.Module) -> bool:
+    """False for the vision-only model (`config.audio == False`), which ignores its audio input."""
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "audio", True))
+
+
+def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, batch: dict, device: torch.device | str,
+                   amp_dtype: torch.dtype | None = None, audio: Tensor | None = None) -> Tensor:
+    """Mask logits of a batch of clips.
+
+    batch["frames"] [B,T,S,S,3] uint8 as the dataset yields them (the model normalises); batch["audio"] [B,T,128],
+    or `audio` [B,T,128] in its place (the reliance suite feeds other audio to the same frames).
+    Returns [B,T,1,S,S] float32 on the CPU. The caller puts the model in eval mode (`evaluate` and `reliance_suite`
+    do, and restore the previous mode); the model must already be on `device`.
+    """
+    device = torch.device(device)
+    frames = batch["frames"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3)  # [B,T,3,S,S]
+    audio = batch["audio"] if audio is None else audio
+    with _autocast(device, amp_dtype):
+        output = model(frames, audio.to(device, non_blocking=True))
+    return output.logits.float().cpu()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Evaluation mode for the block, then back to the mode the caller had (the trainer evaluates mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The split: which clips, in which order
+
+
+@dataclass
+class SplitTable:
+    """Small per-clip facts of a split, in split order (shard order, as `ShardDataset(shuffle=False)` reads it).
+
+    names [N], labels [N] int64 (-1: no class), audio [N,T,128] float32 or None when not asked for.
+    """
+
+    names: list[str]
+    labels: np.ndarray
+    audio: np.ndarray | None
+
+    def __post_init__(self) -> None:
+        self.position = {name: i for i, name in enumerate(self.names)}
+        if len(self.position) != len(self.names):
+            raise InputError(None, "clip names are not unique within the split; cannot identify clips")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def read_split_table(dataset: ShardDataset, with_audio: bool = False) -> SplitTable:
+    """Names, labels (and audio) of every clip of the dataset's split, read from the shards' small datasets only
+    (one read per shard file; frames and masks are not touched)."""
+    rows_per_file: dict[str, list[int]] = {}
+    for file, row in dataset.index:
+        rows_per_file.setdefault(file, []).append(row)
+    names, labels, audio = [], [], []
+    for file, rows in rows_per_file.items():  # dict order = first appearance = split order
+        with h5py.File(dataset.shards_dir / file, "r") as handle:
+            # Rows come from np.flatnonzero, so they increase, as h5py's list indexing requires.
+            names.extend(handle["name"].asstr()[rows].tolist())
+            labels.append(handle["label"][rows].astype(np.int64))
+            if with_audio:
+                audio.append(handle["audio"][rows].astype(np.float32))
+    return SplitTable(names=names, labels=np.concatenate(labels),
+                      audio=np.concatenate(audio) if with_audio else None)
+
+
+def _batches(dataset: ShardDataset, table: SplitTable, batch_size: int, num_workers: int, max_clips: int | None,
+             pin_memory: bool) -> Iterator[tuple[dict, list[int]]]:
+    """DataLoader batches with each clip's split position, limited to the first `max_clips` clips of the split
+    (in split order, whatever the worker interleaving), stopping as soon as all of those have been seen."""
+    limit = len(table) if max_clips is None else min(max_clips, len(table))
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
+    seen = 0
+    for batch in loader:
+        positions = [table.position[name] for name in batch["name"]]
+        keep = [i for i, p in enumerate(positions) if p < limit]
+        if len(keep) < len(positions):
+            batch = _select(batch, keep)
+            positions = [positions[i] for i in keep]
+        if positions:
+            yield batch, positions
+        seen += len(positions)
+        if seen >= limit:
+            break
+
+
+def _select(batch: dict, rows: list[int]) -> dict:
+    """The given rows of a collated batch (tensors and the list of names)."""
+    index = torch.as_tensor(rows, dtype=torch.long)
+    return {key: [value[i] for i in rows] if isinstance(value, list) else value[index] for key, value in batch.items()}
+
+
+def _eval_dataset(shards_dir: str | Path, split: str) -> ShardDataset:
+    # rank 0 of 1 explicitly: under torch.distributed every rank evaluates the whole split, not a share of it.
+    return ShardDataset(shards_dir, split=split, shuffle=False, rank=0, world_size=1)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming scores
+
+
+class _ReferenceBatches:
+    """`f_avsbench`: the F-measure of consecutive batches of 4 clips in split order, averaged over batches.
+
+    Clips may arrive out of split order (DataLoader workers interleave); they wait in a buffer, bounded by the
+    loader's look-ahead (about batch_size × num_workers clips), until every earlier position has arrived.
+    """
+
+    def __init__(self) -> None:
+        self._pending: dict[int, tuple[Tensor, Tensor]] = {}
+        self._next = 0
+        self._group = SegmentationMeter()
+        self._group_clips = 0
+        self._score_sum = 0.0
+        self._batches = 0
+
+    def add(self, position: int, logits: Tensor, target: Tensor) -> None:
+        """One clip's valid frames: logits, target [t,S,S]."""
+        self._pending[position] = (logits, target)
+        while self._next in self._pending:
+            self._feed(*self._pending.pop(self._next))
+            self._next += 1
+
+    def _feed(self, logits: Tensor, target: Tensor) -> None:
+        if len(logits):
+            self._group.update(logits, target)
+        self._group_clips += 1
+        if self._group_clips == REFERENCE_CLIPS_PER_BATCH:
+            self._close()
+
+    def _close(self) -> None:
+        # A batch's own dataset-level F (0 when all its masks are empty) is the reference's per-batch figure.
+        self._score_sum += self._group.compute()["f"]
+        self._batches += 1
+        self._group.reset()
+        self._group_clips = 0
+
+    def compute(self) -> float:
+        # Clips that never came (a subset was scored) leave gaps: the rest are taken in position order.
+        for position in sorted(self._pending):
+            self._feed(*self._pending.pop(position))
+        if self._group_clips:  # the last, partial batch counts as one, as in the reference's DataLoader
+            self._close()
+        return self._score_sum / self._batches if self._batches else 0.0
+
+
+class _Scores:
+    """mIoU and F over the valid frames of the clips given; with `reference_batches`, `f_avsbench` too."""
+
+    def __init__(self, reference_batches: bool = True) -> None:
+        self.meter = SegmentationMeter()  # its own f_avsbench assumes fixed frames per clip; ours does not
+        self.reference = _ReferenceBatches() if reference_batches else None
+        self.clips = 0
+        self.frames = 0
+
+    def add(self, position: int, logits: Tensor, target: Tensor, valid: Tensor) -> None:
+        """One clip: logits [T,1,S,S] or [T,S,S], target [T,S,S], valid [T] bool (frames that have a mask)."""
+        logits, target = logits.reshape(target.shape)[valid], target[valid]
+        if len(logits):
+            self.meter.update(logits, target)
+        if self.reference is not None:
+            self.reference.add(position, logits, target)
+        self.clips += 1
+        self.frames += int(valid.sum())
+
+    def compute(self) -> dict[str, float]:
+        scores = self.meter.compute()
+        result = {"miou": scores["miou"], "f": scores["f"]}
+        if self.reference is not None:
+            result["f_avsbench"] = self.reference.compute()
+        return result
+
+
+def _class_name(classes: list[str], label: int) -> str:
+    return classes[label] if label >= 0 else NO_CLASS
+
+
+# --------------------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(model: nn.Module, shards_dir: str | Path, split: str = "test", device: torch.device | str = "cpu",
+             amp_dtype: torch.dtype | None = None, batch_size: int = 4, num_workers: int = 0,
+             max_clips: int | None = None, progress: Progress | None = None) -> dict:
+    """mIoU, F and F_avsbench of a split with the clips' own audio, overall and per primary class.
+
+    Only frames with `mask_valid` count (S4 training clips have a mask on frame 1 only). `max_clips` scores the
+    first clips of the split only. The model is moved to `device`, run in eval mode, and left in the mode it had.
+    Returns {"split", "overall": {"miou", "f", "f_avsbench", "clips", "frames"},
+    "per_class": {name: {"miou", "f", "clips"}}} (name "none" for clips without a class).
+    """
+    device = torch.device(device)
+    dataset = _eval_dataset(shards_dir, split)
+    table = read_split_table(dataset)
+    overall = _Scores()
+    per_class: dict[str, _Scores] = {}
+    model.to(device)
+    with _eval_mode(model):
+        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+            logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
+            for i, position in enumerate(positions):
+                clip = (position, logits[i], batch["masks"][i], batch["mask_valid"][i])
+                overall.add(*clip)
+                name = _class_name(dataset.classes, int(batch["label"][i]))
+                per_class.setdefault(name, _Scores(reference_batches=False)).add(*clip)
+            _report(progress, overall.clips, len(positions))
+    log.info("evaluated %d clips (%d frames) of split %r", overall.clips, overall.frames, split)
+    order = {name: i for i, name in enumerate([*dataset.classes, NO_CLASS])}
+    return {
+        "split": split,
+        "overall": {**overall.compute(), "clips": overall.clips, "frames": overall.frames},
+        "per_class": {name: {**scores.compute(), "clips": scores.clips}
+                      for name, scores in sorted(per_class.items(), key=lambda item: order[item[0]])},
+    }
+
+
+def _report(progress: Progress | None, done: int, new: int) -> None:
+    if progress is not None:
+        progress(new)
+    elif done % 100 < new:  # about every 100 clips
+        log.info("%d clips scored", done)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The audio-reliance suite
+
+
+@dataclass
+class DonorPicker:
+    """Deterministic choice of the clip whose audio another clip is given (DESIGN §9).
+
+    labels [N] of the split, in split order. Each choice draws from a generator seeded by (seed, condition, the
+    receiving clip's position), so it does not depend on batching, workers or which other clips are scored.
+    """
+
+    labels: np.ndarray
+    seed: int = 0
+
+    def swap(self, position: int, other_label: int) -> int | None:
+        """Another clip whose primary label is `other_label` (the visible, silent object's class); None if none."""
+        if other_label < 0:
+            return None
+        candidates = np.flatnonzero(self.labels == other_label)
+        return self._pick(candidates[candidates != position], _STREAM_SWAP, position)
+
+    def offscreen(self, position: int, visible: set[int]) -> int | None:
+        """Another clip whose primary label is a class not `visible` in this one; None if there is none."""
+        off = (self.labels >= 0) & ~np.isin(self.labels, sorted(visible))
+        candidates = np.flatnonzero(off)
+        return self._pick(candidates[candidates != position], _STREAM_OFFSCREEN, position)
+
+    def _pick(self, candidates: np.ndarray, stream: int, position: int) -> int | None:
+        if not len(candidates):
+            return None
+        rng = np.random.default_rng([self.seed, stream, position])
+        return int(candidates[rng.integers(len(candidates))])
+
+
+def visible_classes(label: int, other_label: int, sounding: Tensor) -> set[int]:
+    """Classes in view of a clip: its sounding classes ([C] bool), its primary label and the other object's."""
+    visible = set(torch.nonzero(sounding).flatten().tolist())
+    visible.update(c for c in (label, other_label) if c >= 0)
+    return visible
+
+
+def _load_negatives(shards_dir: str | Path, frames_per_clip: int) -> tuple[Tensor, Tensor]:
+    """Silence [1,T,128] and noise [M,T,128] embeddings made with the dataset's embedder."""
+    negatives = read_negatives(Path(shards_dir))
+    silence, noise = (torch.from_numpy(negatives[key]).float() for key in ("silence", "noise"))
+    for key, value in (("silence", silence), ("noise", noise)):
+        if value.ndim != 3 or value.shape[1] != frames_per_clip or not len(value):
+            raise InputError(Path(shards_dir) / "negatives.h5",
+                             f"{key} embeddings have shape {tuple(value.shape)}, expected [M,{frames_per_clip},D]")
+    return silence, noise
+
+
+def _with_donors(donors: list[int | None]) -> tuple[list[int], list[int], list[int]]:
+    """Split a batch's rows by whether a donor was found: (rows with one, their donors' positions, rows without)."""
+    rows = [i for i, donor in enumerate(donors) if donor is not None]
+    return rows, [donors[i] for i in rows], [i for i, donor in enumerate(donors) if donor is None]
+
+
+def _predict_rows(model: nn.Module, batch: dict, rows: list[int], audio: Tensor, device: torch.device,
+                  amp_dtype: torch.dtype | None, reuse: Tensor | None) -> Tensor:
+    """Logits [len(rows),T,1,S,S] of the given rows of a batch heard with `audio` [len(rows),T,128] instead of
+    their own; `reuse` [B,T,1,S,S] are returned instead for a model that ignores audio."""
+    if reuse is not None:
+        return reuse[rows]
+    return predict_logits(model, _select(batch, rows), device, amp_dtype, audio=audio)
+
+
+def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test", device: torch.device | str = "cpu",
+                   amp_dtype: torch.dtype | None = None, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
+                   max_clips: int | None = None, progress: Progress | None = None) -> dict:
+    """Does the mask follow the sound? Scores the same frames under five kinds of audio (DESIGN §9).
+
+    - "true": the clip's own audio against its masks (miou, f, f_avsbench over frames with masks);
+    - "swap": clips with another visible object (other_label >= 0, shards with other masks) get the audio of
+      another clip of the split whose primary label is that object's class, scored against the other object's
+      mask (miou_other, f_other); clips with no such donor are counted as "skipped";
+    - "silence" / "noise": the negative-audio embeddings beside the shards (one of the M noise clips, seeded, per
+      clip); "offscreen": the audio of another clip whose class is not visible in this one. These three are scored
+      by FPR over all T frames, the target being empty.
+
+    Donor audio comes from a first, cheap pass over the split's audio embeddings (N×T×128), then one streaming
+    pass scores the clips. A vision-only model ignores audio, so its one prediction per clip serves every
+    condition. `max_clips` scores the first clips of the split only (donors still come from the whole split).
+    Returns {"split", "true": {...}, "swap": {...}, "silence": {"fpr", "clips"}, "noise": {...},
+    "offscreen": {"fpr", "clips", "skipped"}}; a condition that scored no clip is {"clips": 0, "note": why}.
+    """
+    device = torch.device(device)
+    dataset = _eval_dataset(shards_dir, split)
+    frames_per_clip = dataset.manifest["frames_per_clip"]
+    table = read_split_table(dataset, with_audio=True)
+    donors = DonorPicker(table.labels, seed)
+    donor_audio = torch.from_numpy(table.audio)  # [N,T,128]
+    silence, noise = _load_negatives(shards_dir, frames_per_clip)
+    has_other = bool(dataset.manifest.get("has_other_masks"))
+    uses_audio = _model_uses_audio(model)
+
+    true = _Scores()
+    swap = _Scores(reference_batches=False)
+    fprs = {name: FPRMeter() for name in ("silence", "noise", "offscreen")}
+    clips = {name: 0 for name in fprs}
+    skipped = {"swap": 0, "offscreen": 0}
+
+    model.to(device)
+    with _eval_mode(model):
+        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+            B = len(positions)
+            true_logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
+
+            # A model that ignores audio predicts the same with any audio: its true-audio prediction serves all.
+            reuse = None if uses_audio else true_logits
+            every = list(range(B))
+
+            for i, position in enumerate(positions):
+                true.add(position, true_logits[i], batch["masks"][i], batch["mask_valid"][i])
+
+            if has_other:
+                rows, sources, missing = _with_donors([donors.swap(p, int(batch["other_label"][i]))
+                                                       for i, p in enumerate(positions)])
+                # Clips without another object in view have nothing to swap to: neither scored nor skipped.
+                skipped["swap"] += sum(int(batch["other_label"][i]) >= 0 for i in missing)
+                if rows:
+                    logits = _predict_rows(model, batch, rows, donor_audio[sources], device, amp_dtype, reuse)
+                    for k, i in enumerate(rows):
+                        swap.add(positions[i], logits[k], batch["other_masks"][i], batch["mask_valid"][i])
+
+            fprs["silence"].update(_predict_rows(model, batch, every, silence.expand(B, -1, -1), device, amp_dtype,
+                                                 reuse))
+            picks = [int(np.random.default_rng([seed, _STREAM_NOISE, p]).integers(len(noise))) for p in positions]
+            fprs["noise"].update(_predict_rows(model, batch, every, noise[picks], device, amp_dtype, reuse))
+            clips["silence"] += B
+            clips["noise"] += B
+
+            other_labels = batch["other_label"].tolist() if "other_label" in batch else [-1] * B
+            rows, sources, missing = _with_donors([
+                donors.offscreen(p, visible_classes(int(batch["label"][i]), other_labels[i], batch["sounding"][i]))
+                for i, p in enumerate(positions)])
+            skipped["offscreen"] += len(missing)
+            if rows:
+                fprs["offscreen"].update(_predict_rows(model, batch, rows, donor_audio[sources], device, amp_dtype,
+                                                       reuse))
+                clips["offscreen"] += len(rows)
+            _report(progress, true.clips, B)
+
+    log.info("reliance suite on %d clips of split %r (swap %d, skipped %d; off-screen %d, skipped %d)",
+             true.clips, split, swap.clips, skipped["swap"], clips["offscreen"], skipped["offscreen"])
+    result: dict = {"split": split, "true": {**true.compute(), "clips": true.clips}}
+    if swap.clips:
+        scores = swap.compute()
+        result["swap"] = {"miou_other": scores["miou"], "f_other": scores["f"], "clips": swap.clips,
+                          "skipped": skipped["swap"]}
+    elif not has_other:
+        result["swap"] = {"clips": 0, "note": "the shards have no other-object masks (avsprep crops --other-masks)"}
+    else:
+        result["swap"] = {"clips": 0, "skipped": skipped["swap"],
+                          "note": "no clip has another visible object with a donor clip of its class in this split"}
+    for name, meter in fprs.items():
+        if clips[name]:
+            result[name] = {"fpr": meter.compute(), "clips": clips[name]}
+        else:
+            result[name] = {"clips": 0, "note": "no clip of the split has a class out of view to borrow audio from"}
+        if name == "offscreen":
+            result[name]["skipped"] = skipped["offscreen"]
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Table
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return "-" if value is None else str(value)
+
+
+def _table(header: list[str], rows: list[list[object]], names: int = 1) -> list[str]:
+    """Aligned text rows: the first `names` columns left-aligned, the numbers right-aligned."""
+    cells = [header] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
+    return ["  ".join(cell.ljust(w) if c < names else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
+            .rstrip() for row in cells]
+
+
+def format_table(results: dict) -> str:
+    """A plain-text table of an `evaluate` or a `reliance_suite` result."""
+    split = results.get("split", "?")
+    if "overall" in results:
+        overall = results["overall"]
+        rows = [["overall", overall.get("miou"), overall.get("f"), overall.get("f_avsbench"), overall.get("clips")]]
+        rows += [[name, scores.get("miou"), scores.get("f"), None, scores.get("clips")]
+                 for name, scores in results.get("per_class", {}).items()]
+        lines = [f"split {split}"] + _table(["class", "miou", "f", "f_avsbench", "clips"], rows)
+        return "\n".join(lines)
+    if "true" in results:
+        rows = []
+        notes = []
+        for condition, metrics in (("true", ("miou", "f", "f_avsbench")), ("swap", ("miou_other", "f_other")),
+                                   ("silence", ("fpr",)), ("noise", ("fpr",)), ("offscreen", ("fpr",))):
+            entry = results.get(condition, {})
+            for k, metric in enumerate(metrics):
+                first = k == 0
+                rows.append([condition if first else "", metric, entry.get(metric),
+                             entry.get("clips") if first else "", entry.get("skipped", "") if first else ""])
+            if "note" in entry:
+                notes.append(f"{condition}: {entry['note']}")
+        lines = [f"audio-reliance suite, split {split}"]
+        lines += _table(["audio", "metric", "value", "clips", "skipped"], rows, names=2)
+        lines += [f"note: {note}" for note in notes]
+        return "\n".join(lines)
+    raise ValueError("not an evaluate or reliance_suite result: expected an 'overall' or a 'true' key")
+
+
+__all__ = ["DonorPicker", "SplitTable", "evaluate", "format_table", "predict_logits", "read_split_table",
+           "reliance_suite", "visible_classes"]
