@@ -154,9 +154,11 @@ def assign_splits(names: list[str], val_fraction: float, test_fraction: float, s
 
 
 def _frame_key(stem: str, regex: re.Pattern, frames_per_clip: int) -> tuple[str, int] | None:
-    if frames_per_clip == 1:
-        return stem, 1  # a plain image set: every image is a clip of its own, whatever its name
     match = regex.match(stem)
+    if frames_per_clip == 1:
+        # Every image is a clip of its own: `<clip>_1` is clip <clip> (so its <clip>.wav and metadata row are
+        # found), any other name is a clip named by its stem (a plain image set).
+        return (match["clip"], 1) if match and int(match["k"]) == 1 else (stem, 1)
     return (match["clip"], int(match["k"])) if match else None
 
 

@@ -209,13 +209,14 @@ def test_empty_input_is_an_error(tmp_path):
 def test_plain_image_set_and_short_clips(tmp_path):
     dataset = make_dataset(tmp_path / "data", clips=2, frames_per_clip=2)
     cv2.imwrite(str(dataset["frames"] / "lonely.png"), np.zeros((60, 80, 3), np.uint8))  # no annotation
-    # T = 1: each image is a clip of its own, named by its stem; an unannotated frame has no valid crop.
+    # T = 1: each image is a clip of its own (<clip>_1 is <clip>, other names their stem); an unannotated frame
+    # has no valid crop.
     out = tmp_path / "t1"
     result = run(["crops", "--voc", str(dataset["labels"]), "--images", str(dataset["frames"]), "--out", str(out),
                   "--frames-per-clip", "1", "--size", "16", "--crop-size", "16"])
     assert result.exit_code == 0, result.output
     _, arrays = read_all(out)
-    assert list(arrays["name"]) == ["clip000_1", "clip000_2", "clip001_1", "clip001_2", "lonely"]
+    assert list(arrays["name"]) == ["clip000", "clip000_2", "clip001", "clip001_2", "lonely"]
     assert arrays["crop_valid"][:, 0].tolist() == [True, True, True, True, False]
     assert arrays["label"][-1] == -1
     # T = 2: clip000 without frame 2 is bad input, or padded on request.

@@ -31,14 +31,6 @@ def synth_shards(root: Path, frames_per_clip: int, clips: int) -> Path:
     result = runner.invoke(avsprep_main, ["synth", "--out", str(raw), "--clips", str(clips), "--num-classes", "3",
                                           "--size", str(SIZE), "--frames-per-clip", str(frames_per_clip)])
     assert result.exit_code == 0, result.output
-    if frames_per_clip == 1:
-        # With T = 1 `crops` reads a plain image set: each frame is a clip named by its stem (<clip>_1), while
-        # synth names audio and metadata rows by <clip>. Rename those to the frame stems.
-        for wav in (raw / "audio_wav").rglob("*.wav"):
-            wav.rename(wav.with_name(f"{wav.stem}_1.wav"))
-        meta = raw / "meta.csv"
-        lines = meta.read_text().splitlines()
-        meta.write_text("\n".join([lines[0]] + [line.replace(",", "_1,", 1) for line in lines[1:]]) + "\n")
     result = runner.invoke(avsprep_main, [
         "crops", "--voc", str(raw / "labels"), "--images", str(raw / "visual_frames"), "--masks", str(raw / "gt_masks"),
         "--other-masks", str(raw / "other_masks"), "--audio", str(raw / "audio_wav"), "--meta", str(raw / "meta.csv"),
