@@ -1,7 +1,6 @@
 """`avsprep`: the command line of the preprocessing stages. It parses arguments and calls the library."""
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
@@ -9,24 +8,11 @@ from pathlib import Path
 
 import click
 
-from avsprep.errors import InputError
+from avsprep.errors import exits_cleanly
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-
-
-def exits_cleanly_on_bad_input(command):
-    """Bad input ends in one line on stderr and exit code 2, never a traceback."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except InputError as error:
-            click.echo(f"avsprep: error: {error}", err=True)
-            sys.exit(2)
-
-    return wrapper
+exits_cleanly_on_bad_input = exits_cleanly("avsprep")
 
 
 class ProgressBar:

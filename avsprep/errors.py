@@ -14,3 +14,26 @@ class InputError(Exception):
         self.path = None if path is None else Path(path)
         self.problem = problem
         super().__init__(problem if path is None else f"{path}: {problem}")
+
+
+def exits_cleanly(program: str, *error_types: type[Exception]):
+    """Decorator for CLI commands: InputError (and `error_types`) end in one line on stderr and exit code 2."""
+    import functools
+    import sys
+
+    import click
+
+    caught = (InputError, *error_types)
+
+    def decorate(command):
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except caught as error:
+                click.echo(f"{program}: error: {error}", err=True)
+                sys.exit(2)
+
+        return wrapper
+
+    return decorate

@@ -117,6 +117,8 @@ class TrainConfig:
     # off-screen class, with an empty target.
     negatives: float = 0.0
     negative_kinds: tuple[str, ...] = ("silence", "noise", "offscreen")
+    # Start negatives at this epoch: from scratch, the model first has to learn to find the sounding object at all.
+    negatives_from_epoch: int = 0
     amp: str = "auto"  # "auto" (bf16 on CUDA; on CPU see the README), "bf16" or "fp32"
     channels_last: bool = True
     checkpoint_every: int = 0  # also save step-<n>.pt every n steps; 0: only last.pt and best.pt

@@ -54,7 +54,8 @@ def _model_uses_audio(model: nn.Module) -> bool:
     return bool(getattr(config, "audio", True))
 
 
-def _autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """bf16 (or other) autocast on the device, or nothing for fp32."""
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
@@ -73,7 +74,7 @@ def predict_logits(model: nn.Module, batch: dict, device: torch.device | str,
     device = torch.device(device)
     frames = batch["frames"].to(device, non_blocking=True).permute(0, 1, 4, 2, 3)  # [B,T,3,S,S]
     audio = batch["audio"] if audio is None else audio
-    with _autocast(device, amp_dtype):
+    with autocast(device, amp_dtype):
         output = model(frames, audio.to(device, non_blocking=True))
     return output.logits.float().cpu()
 

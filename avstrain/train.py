@@ -17,7 +17,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +29,7 @@ from avsprep.errors import InputError
 from avsprep.shards import read_manifest, read_negatives
 from avstrain.config import Config, config_to_dict, config_to_toml
 from avstrain.data import Augmentation, ShardDataset
-from avstrain.evaluate import evaluate
+from avstrain.evaluate import autocast, evaluate
 from avstrain.losses import compute_loss
 from avstrain.models import build_model
 
@@ -59,10 +58,6 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
             return None
         return torch.bfloat16
     return None  # "auto" on CPU: fp32 (see the README for the bf16 vs fp32 comparison on the synthetic set)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 def to_channels_last(model: torch.nn.Module) -> None:
@@ -274,7 +269,8 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
             dataset.set_epoch(epoch, skip_batches=batch_in_epoch, batch_size=config.optim.batch_size)
             started, clips = time.perf_counter(), 0
             for batch in DataLoader(dataset, **loader_kwargs):
-                negatives.apply(batch)
+                if epoch >= config.train.negatives_from_epoch:
+                    negatives.apply(batch)
                 inputs = _to_device(batch, device, config.model.image_size)
                 for group in optimizer.param_groups:
                     group["lr"] = _learning_rate(config, step, total_steps)
