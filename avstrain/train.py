@@ -246,7 +246,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
         _restore_rng(state["rng"], negatives_generator)
         log.info("resuming from %s at epoch %d, step %d", last_checkpoint, epoch, step)
     elif resume:
-        log.warning("--resume: no %s yet, starting from scratch", last_checkpoint)
+        log.info("--resume: no %s yet, starting from scratch", last_checkpoint)
     # Logs hold exactly the steps and epochs up to the state we start from: a crash after the last checkpoint
     # must not leave steps that the resumed run will log again.
     _truncate_log(run_dir / "steps.jsonl", "step", step)
