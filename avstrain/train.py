@@ -231,7 +231,13 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                                  weight_decay=config.optim.weight_decay)
     negatives_generator = torch.Generator().manual_seed(config.train.seed)
-    negatives = NegativeAudio(shards_dir, config.train.negatives, config.train.negative_kinds, negatives_generator)
+    negatives_probability = config.train.negatives
+    if negatives_probability and not config.model.audio:
+        # A model that cannot hear sees the same frames with and without their sound: negative audio would only
+        # teach it to predict nothing. The vision-only baseline trains on the true targets alone.
+        log.warning("model.audio = false: train.negatives = %s is ignored", negatives_probability)
+        negatives_probability = 0.0
+    negatives = NegativeAudio(shards_dir, negatives_probability, config.train.negative_kinds, negatives_generator)
     crops_needed = config.model.crop_mode != "off" and (config.loss.crop_cls or config.loss.crop_temporal
                                                          or config.loss.crop_audio)
 

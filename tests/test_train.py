@@ -132,3 +132,13 @@ def test_cli_train_eval_and_bad_input(shards, tmp_path):
     assert result.exit_code == 2 and "not an avs-toolkit checkpoint" in result.output
     result = runner.invoke(avstrain_main, ["train", "--shards", str(shards), "--set", "model.nope=1"])
     assert result.exit_code == 2 and "unknown key" in result.output
+
+
+def test_vision_only_model_ignores_negative_audio(shards, tmp_path, caplog):
+    """A model that cannot hear would only learn to predict nothing from negative audio: it is switched off."""
+    config = tiny_config("model.audio=false", "train.negatives=1.0", "train.max_steps=2")
+    with caplog.at_level("WARNING", logger="avstrain.train"):
+        train(config, shards, tmp_path / "deaf")
+    assert "train.negatives = 1.0 is ignored" in caplog.text
+    steps = [json.loads(line) for line in (tmp_path / "deaf" / "steps.jsonl").read_text().splitlines()]
+    assert len(steps) == 2 and all(s["bce"] > 0 for s in steps)
