@@ -100,13 +100,17 @@ def worker(variant: str, repeats: int, size: int, channels: int, frames: int, th
 
     _return_freed_memory_to_kernel()
     step()  # re-warm under the new allocator settings
-    gc.collect()
-    baseline = _rss_kib("VmRSS")
-    with PeakRSS() as peak:
-        step()
+    growths = []
+    for _ in range(3):  # an iteration served from memory that was not returned reads low: keep the largest
+        gc.collect()
+        _return_freed_memory_to_kernel()
+        baseline = _rss_kib("VmRSS")
+        with PeakRSS() as peak:
+            step()
+        growths.append((peak.peak - baseline) / 1024)
     return {"variant": variant, "time_s": statistics.median(times), "times_s": times,
-            "peak_growth_mib": (peak.peak - baseline) / 1024, "peak_method": "VmHWM" if peak.kernel else "sampling",
-            "threads": threads}
+            "peak_growth_mib": max(growths), "peak_growths_mib": growths,
+            "peak_method": "VmHWM" if peak.kernel else "sampling", "threads": threads}
 
 
 def _return_freed_memory_to_kernel() -> None:
@@ -154,8 +158,13 @@ def main() -> int:
     for v, r in results.items():
         print(f"{v:<12}{r['time_s']:>12.3f}{r['peak_growth_mib']:>20.1f}")
     speed = results["naive"]["time_s"] / results["factorised"]["time_s"]
-    memory = results["naive"]["peak_growth_mib"] / max(results["factorised"]["peak_growth_mib"], 1e-3)
-    ok = speed >= SPEED_TARGET and memory >= MEMORY_TARGET
+    # The factorised block's output alone is T*h*w*C floats; a smaller growth means the measurement failed.
+    floor_mib = args.frames * args.size * args.size * args.channels * 4 / 2**20
+    measured = results["factorised"]["peak_growth_mib"] >= floor_mib
+    memory = results["naive"]["peak_growth_mib"] / max(results["factorised"]["peak_growth_mib"], floor_mib)
+    if not measured:
+        print(f"factorised peak growth below its own output size ({floor_mib:.1f} MiB): memory not measured")
+    ok = speed >= SPEED_TARGET and memory >= MEMORY_TARGET and measured
     print(f"factorised: {speed:.1f}x faster (target >= {SPEED_TARGET:.0f}x), {memory:.1f}x less memory "
           f"(target >= {MEMORY_TARGET:.0f}x); peak measured by {results['naive']['peak_method']}: "
           f"{'OK' if ok else 'TARGET MISSED'}")
