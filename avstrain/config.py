@@ -119,7 +119,7 @@ class TrainConfig:
     negative_kinds: tuple[str, ...] = ("silence", "noise", "offscreen")
     # Start negatives at this epoch: from scratch, the model first has to learn to find the sounding object at all.
     negatives_from_epoch: int = 0
-    amp: str = "auto"  # "auto" (bf16 on CUDA; on CPU see the README), "bf16" or "fp32"
+    amp: str = "auto"  # "auto"/"bf16": bf16 autocast on CUDA and on CPUs with native bf16, else fp32; "fp32"
     channels_last: bool = True
     checkpoint_every: int = 0  # also save step-<n>.pt every n steps; 0: only last.pt and best.pt
     max_steps: int = 0  # stop after this many steps in total (smoke runs); 0: run every epoch

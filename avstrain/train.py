@@ -52,12 +52,12 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
         return None
     if device.type == "cuda":
         return torch.bfloat16
-    if amp == "bf16":
-        if not cpu_has_native_bf16():
-            log.warning("train.amp = bf16 but this CPU has no native bf16 (AMX / AVX512-BF16): running fp32")
-            return None
+    if cpu_has_native_bf16():
+        # "auto" too: on the synthetic benchmark bf16 matched fp32 (test mIoU 0.873 vs 0.876) at 1.45x the speed.
         return torch.bfloat16
-    return None  # "auto" on CPU: fp32 (see the README for the bf16 vs fp32 comparison on the synthetic set)
+    if amp == "bf16":
+        log.warning("train.amp = bf16 but this CPU has no native bf16 (AMX / AVX512-BF16): running fp32")
+    return None
 
 
 def to_channels_last(model: torch.nn.Module) -> None:
