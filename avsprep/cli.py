@@ -128,6 +128,18 @@ def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trus
 
 
 @main.command()
+@click.argument("parts", nargs=-1, required=True, type=EXISTING_DIR)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Merged shard folder.")
+@exits_cleanly_on_bad_input
+def merge(parts, out):
+    """Join the folders of `crops --num-parts K --part-index i` runs into one, as a single run would have written."""
+    from avsprep.shards import merge_parts
+
+    manifest = merge_parts(list(parts), out)
+    click.echo(f"{manifest['clips']} clips in {len(manifest['shards'])} shards at {out}; splits {manifest['splits']}")
+
+
+@main.command()
 @click.argument("shards", type=EXISTING_DIR)
 @click.option("--verify", is_flag=True, help="Recheck checksums and shapes; exit 1 on any mismatch.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

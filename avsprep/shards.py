@@ -269,6 +269,63 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
     return manifest
 
 
+def _settings_from_manifest(manifest: dict) -> ShardSettings:
+    return ShardSettings(
+        frames_per_clip=manifest["frames_per_clip"], size=manifest["image_size"], crop_size=manifest["crop_size"],
+        max_boxes=manifest["max_boxes"], classes=manifest["classes"], embedder=manifest["embedder"],
+        has_other_masks=manifest["has_other_masks"], has_audio=manifest["has_audio"],
+    )
+
+
+def merge_parts(part_dirs: list[Path], out: Path) -> dict:
+    """Join the parts written by `--num-parts K --part-index i` runs into one shard folder whose manifest is the one
+    a single run would have written (DESIGN §10). Shards are copied into `out` unless they are already there."""
+    import shutil
+
+    parts: dict[int, tuple[Path, dict]] = {}
+    for directory in map(Path, part_dirs):
+        found = sorted(directory.glob("manifest.part-*-of-*.json")) or sorted(directory.glob(MANIFEST))
+        if not found:
+            raise InputError(directory, "no manifest.part-*.json: not the output of `avsprep crops --num-parts`")
+        for path in found:
+            manifest = json.loads(path.read_text(encoding="utf-8"))
+            if manifest["part_index"] in parts:
+                raise InputError(path, f"part {manifest['part_index']} is given twice")
+            parts[manifest["part_index"]] = (directory, manifest)
+    first = next(iter(parts.values()))[1]
+    settings, num_parts = _settings_from_manifest(first), first["num_parts"]
+    missing = sorted(set(range(num_parts)) - set(parts))
+    if missing:
+        raise InputError(None, f"parts {missing} of {num_parts} are missing")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    infos, shard_skips = [], set()
+    for index, (directory, manifest) in sorted(parts.items()):
+        if _settings_from_manifest(manifest) != settings or manifest["num_parts"] != num_parts \
+                or manifest["clips_per_shard"] != first["clips_per_shard"]:
+            raise InputError(directory, "this part was written with other settings than part 0")
+        for entry in manifest["shards"]:
+            target = out / entry["file"]
+            if (directory / entry["file"]).resolve() != target.resolve():
+                shutil.copyfile(directory / entry["file"], target.with_name(target.name + TEMPORARY_SUFFIX))
+                os.replace(target.with_name(target.name + TEMPORARY_SUFFIX), target)
+            with h5py.File(target, "r") as handle:
+                info = _info_from_file(target, handle)
+            if info.checksums != entry["checksums"]:
+                raise InputError(target, "shard does not match its part's manifest")
+            infos.append(info)
+            shard_skips.update(json.dumps(s, sort_keys=True) for s in info.skipped)
+    # Every part lists the clips that failed before sharding; they are the same in each part: keep them once.
+    discovery_skips = [s for s in first["skipped"] if json.dumps(s, sort_keys=True) not in shard_skips]
+    negatives = None
+    if first.get("negatives"):
+        source = next(iter(parts.values()))[0] / NEGATIVES
+        if source.resolve() != (out / NEGATIVES).resolve():
+            shutil.copyfile(source, out / NEGATIVES)
+        negatives = first["negatives"]
+    return write_manifest(out, settings, infos, first["clips_per_shard"], 1, 0, discovery_skips, negatives)
+
+
 def read_manifest(shards_dir: Path) -> dict:
     """The manifest of a shard folder. InputError if it is missing, unreadable or of another schema."""
     path = Path(shards_dir) / MANIFEST
