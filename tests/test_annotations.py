@@ -116,3 +116,13 @@ def test_bad_yolo_lines(tmp_path, line, problem):
     path.write_text(line + "\n")
     with pytest.raises(InputError, match=problem):
         parse_yolo(path, ["cat", "dog"], "a_1.png", 100, 100)
+
+
+def test_oversized_annotation_is_refused_unread(tmp_path):
+    from avsprep.annotations import MAX_ANNOTATION_BYTES
+
+    path = tmp_path / "huge.xml"
+    with path.open("wb") as handle:
+        handle.truncate(MAX_ANNOTATION_BYTES + 1)  # sparse: nothing to read, only the size counts
+    with pytest.raises(InputError, match="above the .* byte cap"):
+        parse_voc(path)
