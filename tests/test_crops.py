@@ -111,15 +111,20 @@ def test_killed_run_resumes_to_the_same_clips(tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "avsprep.cli", *crops_args(dataset, out), "--clips-per-shard", "1"]
     rng = np.random.default_rng(0)
-    for trial in range(2):
+    kills = 0
+    for trial in range(5):  # killed at random points, each re-run going further
         process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
-        target = int(rng.integers(1, 12))
-        while time.time() < deadline and len(list(out.glob("*.h5"))) < target and process.poll() is None:
-            time.sleep(0.01)
+        target = len(list(out.glob("shard-*.h5"))) + int(rng.integers(1, 4))
+        while time.time() < deadline and len(list(out.glob("shard-*.h5"))) < target and process.poll() is None:
+            time.sleep(0.005)
+        if process.poll() is not None:
+            break  # it finished before the kill: nothing left to interrupt
         os.kill(process.pid, signal.SIGKILL)
         process.wait()
-        assert not (out / "manifest.json").exists()
+        kills += 1
+        assert not (out / "manifest.json").exists()  # a killed run never lists anything
+    assert kills >= 1
     result = run(crops_args(dataset, out) + ["--clips-per-shard", "1"])
     assert result.exit_code == 0, result.output
     assert not list(out.glob("*.partial*"))
@@ -242,3 +247,20 @@ def test_short_audio_is_padded_and_counted(dataset, tmp_path):
     soundfile.write(dataset["audio"] / "clip001.wav", np.zeros(16000 * 2, np.float32), 16000)
     result = run(crops_args(dataset, tmp_path / "s"))
     assert result.exit_code == 0 and "audio_padded_clips 1" in result.output
+
+
+@pytest.mark.parametrize("kind", ["gray", "gray16", "rgba", "rgb16"])
+def test_image_formats_become_rgb_uint8(tmp_path, kind):
+    """Grayscale, 16-bit and RGBA frames are read as 8-bit RGB (what OpenCV's IMREAD_COLOR would give)."""
+    from avsprep.crops import read_image
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)
+    image = {"gray": rgb[..., 0], "gray16": rgb[..., 0].astype(np.uint16) * 257,
+             "rgba": np.dstack([rgb[..., ::-1], np.full((12, 10), 7, np.uint8)]),
+             "rgb16": rgb[..., ::-1].astype(np.uint16) * 257}[kind]
+    path = tmp_path / f"{kind}.png"
+    cv2.imwrite(str(path), image)
+    expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    np.testing.assert_array_equal(read_image(path), expected)
+    assert read_image(path).dtype == np.uint8 and read_image(path).shape == (12, 10, 3)
