@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def train(config_path, shards, name, runs, overrides, resume):
 
     config = load_config(config_path, list(overrides))
     run_dir = runs / (name or (config_path.stem if config_path else "default"))
-    bar = click.progressbar(length=1, label=f"training {run_dir.name}", file=sys.stderr)
+    show = os.environ.get("RANK", "0") == "0"  # under torchrun, one progress bar: rank 0's
+    bar = click.progressbar(length=1, label=f"training {run_dir.name}", file=sys.stderr if show else open(os.devnull, "w"))
 
     def progress(done: int, total: int) -> None:
         bar.length = total
@@ -46,7 +48,9 @@ def train(config_path, shards, name, runs, overrides, resume):
 
     with bar:
         result = run_training(config, shards, run_dir, resume=resume, progress=progress)
-    click.echo(f"{result['steps']} steps; best val mIoU {result['best_miou']:.4f}; run folder {run_dir}")
+    if show:
+        best = f"best val mIoU {result['best_miou']:.4f}" if result["best_miou"] >= 0 else "not validated yet"
+        click.echo(f"{result['steps']} steps; {best}; run folder {run_dir}")
 
 
 @main.command(name="eval")

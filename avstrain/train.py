@@ -195,13 +195,27 @@ def build_for_shards(config: Config, manifest: dict) -> torch.nn.Module:
     return build_model(model_config)
 
 
+def _init_distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether we started the process group) under torchrun; (0, 1, False) otherwise."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size(), False
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, False
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
+
+
 def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: bool = False,
           progress: Callable[[int, int], None] | None = None) -> dict:
-    """Train per `config` on the shards; returns {"best_miou", "last": last validation metrics, "steps"}.
+    """Train per `config` on the shards; returns {"best_miou", "last": last validation metrics, "steps", "model"}.
 
-    `progress(steps_done, total_steps)` is called after each step.
+    `progress(steps_done, total_steps)` is called after each step. Under `torchrun` (WORLD_SIZE > 1) the model is
+    wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU), each rank streams its own block of clips, and
+    rank 0 alone validates and writes the run folder. Exact resume is tested for a single process.
     """
     shards_dir, run_dir = Path(shards_dir), Path(run_dir)
+    rank, world_size, owns_process_group = _init_distributed()
+    is_main = rank == 0
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(shards_dir)
     if config.train.threads:
@@ -209,9 +223,14 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     torch.manual_seed(config.train.seed)
     np.random.seed(config.train.seed)
     random.seed(config.train.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     amp_dtype = resolve_amp(config.train.amp, device)
-    log.info("device %s, %s, %d threads", device, "bf16 autocast" if amp_dtype else "fp32", torch.get_num_threads())
+    log.info("rank %d of %d, device %s, %s, %d threads", rank, world_size, device,
+             "bf16 autocast" if amp_dtype else "fp32", torch.get_num_threads())
 
     augmentation = Augmentation(config.data.flip, config.data.brightness, config.data.contrast) \
         if config.data.augment else None
@@ -230,7 +249,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
         to_channels_last(model)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
                                  weight_decay=config.optim.weight_decay)
-    negatives_generator = torch.Generator().manual_seed(config.train.seed)
+    negatives_generator = torch.Generator().manual_seed(config.train.seed + rank)  # ranks draw differently
     negatives_probability = config.train.negatives
     if negatives_probability and not config.model.audio:
         # A model that cannot hear sees the same frames with and without their sound: negative audio would only
@@ -240,6 +259,10 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     negatives = NegativeAudio(shards_dir, negatives_probability, config.train.negative_kinds, negatives_generator)
     crops_needed = config.model.crop_mode != "off" and (config.loss.crop_cls or config.loss.crop_temporal
                                                          or config.loss.crop_audio)
+    network = model  # what the steps call: the model itself, or its DistributedDataParallel wrapper
+    if world_size > 1:
+        network = torch.nn.parallel.DistributedDataParallel(
+            model, find_unused_parameters=config.model.crop_mode != "off" and not crops_needed)
 
     epoch, step, batch_in_epoch, best_miou = 0, 0, 0, -1.0
     last_checkpoint = run_dir / "last.pt"
@@ -255,11 +278,14 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
         log.info("--resume: no %s yet, starting from scratch", last_checkpoint)
     # Logs hold exactly the steps and epochs up to the state we start from: a crash after the last checkpoint
     # must not leave steps that the resumed run will log again.
-    _truncate_log(run_dir / "steps.jsonl", "step", step)
-    _truncate_log(run_dir / "metrics.jsonl", "epoch", epoch)
-    (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
+    if is_main:
+        _truncate_log(run_dir / "steps.jsonl", "step", step)
+        _truncate_log(run_dir / "metrics.jsonl", "epoch", epoch)
+        (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
 
     def checkpoint(path: Path) -> None:
+        if not is_main:
+            return
         save_atomic({
             "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "best_miou": best_miou,
@@ -269,7 +295,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     last_metrics: dict = {}
     if progress:
         progress(step, total_steps)
-    with (run_dir / "steps.jsonl").open("a") as steps_log:
+    with (run_dir / "steps.jsonl").open("a") if is_main else open(os.devnull, "w") as steps_log:
         while epoch < config.optim.epochs and not (config.train.max_steps and step >= config.train.max_steps):
             model.train()
             dataset.set_epoch(epoch, skip_batches=batch_in_epoch, batch_size=config.optim.batch_size)
@@ -281,7 +307,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
                 for group in optimizer.param_groups:
                     group["lr"] = _learning_rate(config, step, total_steps)
                 with autocast(device, amp_dtype):
-                    output = model(inputs["frames"], inputs["audio"], inputs["crops"] if crops_needed else None)
+                    output = network(inputs["frames"], inputs["audio"], inputs["crops"] if crops_needed else None)
                     losses = compute_loss(output, config.loss, inputs["masks"], inputs["mask_valid"],
                                           inputs["label"], inputs["crop_valid"])
                 optimizer.zero_grad(set_to_none=True)
@@ -308,7 +334,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
                 break
             epoch, batch_in_epoch = epoch + 1, 0
             seconds = time.perf_counter() - started
-            if epoch % config.eval.every == 0 or epoch == config.optim.epochs:
+            if is_main and (epoch % config.eval.every == 0 or epoch == config.optim.epochs):
                 last_metrics = evaluate(model, shards_dir, config.data.val_split, device, amp_dtype,
                                         batch_size=config.eval.batch_size, max_clips=config.eval.max_clips or None)
                 miou = last_metrics["overall"]["miou"]
@@ -322,9 +348,14 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
                     best_miou = miou
                     checkpoint(run_dir / "best.pt")
             checkpoint(last_checkpoint)
+            if world_size > 1:
+                torch.distributed.barrier()  # the other ranks wait while rank 0 validates
     if not (run_dir / "best.pt").exists():
         checkpoint(run_dir / "best.pt")  # a run stopped before its first validation still leaves a usable model
-    return {"best_miou": best_miou, "last": last_metrics, "steps": step}
+    if owns_process_group:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return {"best_miou": best_miou, "last": last_metrics, "steps": step, "model": model}
 
 
 def model_from_checkpoint(state: dict) -> tuple[torch.nn.Module, Config]:

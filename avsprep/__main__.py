@@ -1,0 +1,3 @@
+from avsprep.cli import main
+
+main()

@@ -1,0 +1,3 @@
+from avstrain.cli import main
+
+main()
