@@ -136,19 +136,19 @@ def test_parts_together_equal_one_run(dataset, tmp_path):
     run(crops_args(dataset, tmp_path / "whole"))
     whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
     shards = {}
-    for part in range(2):
+    for part in range(3):
         out = tmp_path / f"part{part}"
-        assert run(crops_args(dataset, out) + ["--num-parts", "2", "--part-index", str(part)]).exit_code == 0
-        manifest = json.loads((out / f"manifest.part-{part:03d}-of-002.json").read_text())
+        assert run(crops_args(dataset, out) + ["--num-parts", "3", "--part-index", str(part)]).exit_code == 0
+        manifest = json.loads((out / f"manifest.part-{part:03d}-of-003.json").read_text())
         shards.update({entry["file"]: entry for entry in manifest["shards"]})
     assert [shards[name] for name in sorted(shards)] == whole["shards"]
     # `avsprep merge` joins them into what one run writes, byte for byte.
-    result = run(["merge", str(tmp_path / "part0"), str(tmp_path / "part1"), "--out", str(tmp_path / "merged")])
+    result = run(["merge", *(str(tmp_path / f"part{i}") for i in range(3)), "--out", str(tmp_path / "merged")])
     assert result.exit_code == 0, result.output
     assert shard_bytes(tmp_path / "merged") == shard_bytes(tmp_path / "whole")
     assert run(["inspect", str(tmp_path / "merged"), "--verify"]).exit_code == 0
     incomplete = CliRunner().invoke(main, ["merge", str(tmp_path / "part0"), "--out", str(tmp_path / "m2")])
-    assert incomplete.exit_code == 2 and "parts [1] of 2 are missing" in incomplete.output
+    assert incomplete.exit_code == 2 and "parts [1, 2] of 3 are missing" in incomplete.output
 
 
 def test_verify_catches_tampering(dataset, tmp_path):
