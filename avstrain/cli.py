@@ -83,5 +83,50 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers):
     click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.option("--checkpoint", required=True, type=EXISTING_FILE)
+@click.option("--shards", required=True, type=EXISTING_DIR)
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--split", default="test", show_default=True)
+@click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@exits_cleanly_on_bad_input
+def predict(checkpoint, shards, out, split, batch_size):
+    """Write 0/255 mask PNGs for every clip in the AVSBench layout (<split>/<category>/<clip>/<clip>_<k>.png)."""
+    import torch
+
+    from avsprep.shards import read_manifest
+    from avstrain.predict import write_predictions
+    from avstrain.train import load_checkpoint, model_from_checkpoint, resolve_amp
+
+    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    clips = read_manifest(shards)["splits"].get(split, 0)
+    with click.progressbar(length=clips, label="predicting clips", file=sys.stderr) as bar:
+        written = write_predictions(model, shards, out, split, device, resolve_amp(config.train.amp, device),
+                                    batch_size, progress=bar.update)
+    click.echo(f"wrote {written} masks of {clips} clips to {out}")
+
+
+@main.command()
+@click.option("--pred", required=True, type=EXISTING_DIR, help="Predicted mask PNGs (> 127 is object).")
+@click.option("--gt", required=True, type=EXISTING_DIR, help="Ground-truth mask PNGs (non-zero is object).")
+@click.option("--layout", type=click.Choice(["s4", "ms3"]), help="Informational: both layouts are read by file name.")
+@click.option("--index-base", default=1, show_default=True, type=click.Choice(["0", "1"]),
+              help="First frame number of the predictions (the reference's save_mask writes 0).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Per-clip scores.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON of the overall scores.")
+@exits_cleanly_on_bad_input
+def score(pred, gt, layout, index_base, csv_path, out):
+    """Score any method's predicted masks against ground truth: mIoU, F, F_avsbench, FPR on empty targets."""
+    from avstrain.predict import score_directories
+
+    results = score_directories(pred, gt, int(index_base), csv_path)
+    if out:
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    fpr = "n/a" if results["fpr"] is None else f"{results['fpr']:.4f}"
+    click.echo(f"{results['clips']} clips, {results['frames']} frames: mIoU {results['miou']:.4f}, F {results['f']:.4f}, "
+               f"F_avsbench {results['f_avsbench']:.4f}, FPR (empty targets) {fpr}")
+
+
 if __name__ == "__main__":
     main()

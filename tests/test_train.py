@@ -142,3 +142,50 @@ def test_vision_only_model_ignores_negative_audio(shards, tmp_path, caplog):
     assert "train.negatives = 1.0 is ignored" in caplog.text
     steps = [json.loads(line) for line in (tmp_path / "deaf" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 2 and all(s["bce"] > 0 for s in steps)
+
+
+def test_predict_writes_avsbench_layout_and_score_reads_it(shards, tmp_path):
+    """predict -> PNGs named like the ground truth; scoring them gives evaluate's mIoU; the ground truth scored
+    against itself is perfect, also with the reference's 0-based numbering; a missing prediction is bad input."""
+    import cv2
+    import numpy as np
+
+    runner = CliRunner()
+    assert runner.invoke(avstrain_main, ["train", "--shards", str(shards), "--name", "p", "--runs", str(tmp_path),
+                                         *TINY, "--set", "optim.epochs=1"]).exit_code == 0
+    out = tmp_path / "pred"
+    result = runner.invoke(avstrain_main, ["predict", "--checkpoint", str(tmp_path / "p" / "best.pt"),
+                                           "--shards", str(shards), "--out", str(out), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    files = sorted(out.rglob("*.png"))
+    assert files and all(f.parts[-4] == "test" and f.stem.startswith(f.parent.name + "_") for f in files)
+    assert {f.stem.rsplit("_", 1)[1] for f in files} == {"1", "2", "3"}
+    assert set(np.unique(cv2.imread(str(files[0]), cv2.IMREAD_GRAYSCALE))) <= {0, 255}
+
+    gt = shards.parent / "d" / "gt_masks" / "test"
+    result = runner.invoke(avstrain_main, ["score", "--pred", str(out), "--gt", str(gt), "--csv", str(tmp_path / "c.csv"),
+                                           "--out", str(tmp_path / "s.json")])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["clips"] == len(files) // 3
+    # The files hold sigmoid > 0.5, so their mIoU is evaluate's (F differs: evaluate sweeps probabilities).
+    assert runner.invoke(avstrain_main, ["eval", "--checkpoint", str(tmp_path / "p" / "best.pt"),
+                                         "--shards", str(shards), "--out", str(tmp_path / "e.json")]).exit_code == 0
+    assert scores["miou"] == pytest.approx(json.loads((tmp_path / "e.json").read_text())["overall"]["miou"])
+    assert (tmp_path / "c.csv").read_text().count("\n") == scores["clips"] + 1
+
+    zero_based = tmp_path / "zero"
+    for path in gt.rglob("*.png"):
+        clip, k = path.stem.rsplit("_", 1)
+        target = zero_based / path.parent.name / f"{clip}_{int(k) - 1}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    result = runner.invoke(avstrain_main, ["score", "--pred", str(zero_based), "--gt", str(gt), "--index-base", "0",
+                                           "--out", str(tmp_path / "self.json")])
+    assert result.exit_code == 0, result.output
+    perfect = json.loads((tmp_path / "self.json").read_text())
+    assert perfect["miou"] == pytest.approx(1.0) and perfect["f"] == pytest.approx(1.0, abs=1e-6)
+
+    next(zero_based.rglob("*.png")).unlink()
+    result = runner.invoke(avstrain_main, ["score", "--pred", str(zero_based), "--gt", str(gt), "--index-base", "0"])
+    assert result.exit_code == 2 and "no predicted mask" in result.output
