@@ -127,11 +127,12 @@ class NegativeAudio:
         draws = torch.rand(B, generator=self.generator)
         kinds = torch.randint(len(self.kinds), (B,), generator=self.generator)
         picks = torch.randint(1 << 30, (B,), generator=self.generator)
+        true_audio = batch["audio"].clone()  # off-screen donors give their own sound, not a negative drawn before
         for i in range(B):
             if draws[i] >= self.probability:
                 continue
             kind = self.kinds[int(kinds[i])]
-            audio = self._offscreen(batch, i, int(picks[i])) if kind == "offscreen" else None
+            audio = self._offscreen(batch, true_audio, i, int(picks[i])) if kind == "offscreen" else None
             if audio is None:  # silence, noise, or no off-screen donor in this batch
                 bank = self.embeddings["silence" if kind == "silence" else "noise"]
                 audio = bank[int(picks[i]) % len(bank)]
@@ -141,7 +142,7 @@ class NegativeAudio:
             batch["crop_valid"][i] = False
 
     @staticmethod
-    def _offscreen(batch: dict, i: int, pick: int) -> torch.Tensor | None:
+    def _offscreen(batch: dict, true_audio: torch.Tensor, i: int, pick: int) -> torch.Tensor | None:
         """The audio of another clip of the batch whose class is not visible in clip i."""
         visible = batch["sounding"][i].clone()
         other = int(batch["other_label"][i]) if "other_label" in batch else -1
@@ -149,7 +150,7 @@ class NegativeAudio:
             visible[other] = True
         donors = [j for j in range(batch["label"].shape[0])
                   if j != i and batch["label"][j] >= 0 and not visible[batch["label"][j]]]
-        return batch["audio"][donors[pick % len(donors)]].clone() if donors else None
+        return true_audio[donors[pick % len(donors)]] if donors else None
 
 
 def _to_device(batch: dict, device: torch.device, image_size: int) -> dict:

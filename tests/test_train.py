@@ -189,3 +189,33 @@ def test_predict_writes_avsbench_layout_and_score_reads_it(shards, tmp_path):
     next(zero_based.rglob("*.png")).unlink()
     result = runner.invoke(avstrain_main, ["score", "--pred", str(zero_based), "--gt", str(gt), "--index-base", "0"])
     assert result.exit_code == 2 and "no predicted mask" in result.output
+
+
+def test_negative_audio_replaces_sound_and_empties_the_target(shards):
+    from avsprep.shards import read_negatives
+    from avstrain.train import NegativeAudio
+
+    def batch():
+        labels = torch.tensor([0, 1, 2, 0])
+        sounding = torch.nn.functional.one_hot(labels, 3).bool()
+        return {"audio": torch.arange(4.0).view(4, 1, 1).expand(4, 3, 128).clone(), "label": labels,
+                "sounding": sounding, "other_label": torch.tensor([1, 2, 0, 1]),
+                "masks": torch.ones(4, 3, 8, 8, dtype=torch.uint8), "mask_valid": torch.zeros(4, 3, dtype=torch.bool),
+                "crop_valid": torch.ones(4, 3, dtype=torch.bool)}
+
+    silence = torch.from_numpy(read_negatives(shards)["silence"][0])
+    b = batch()
+    NegativeAudio(shards, 1.0, ("silence",), torch.Generator().manual_seed(0)).apply(b)
+    assert all(torch.equal(b["audio"][i], silence) for i in range(4))
+    assert not b["masks"].any() and b["mask_valid"].all() and not b["crop_valid"].any()
+
+    b = batch()
+    NegativeAudio(shards, 1.0, ("offscreen",), torch.Generator().manual_seed(0)).apply(b)
+    # Clip 0 shows classes 0 and 1: its sound must come from clip 2 (class 2), the only class not in view.
+    assert torch.equal(b["audio"][0], torch.full((3, 128), 2.0))
+    # Clip 1 shows 1 and 2: donors are clips 0 and 3 (class 0), with their own, not already replaced, sound.
+    assert b["audio"][1, 0, 0].item() in (0.0, 3.0)
+
+    b = batch()
+    NegativeAudio(shards, 0.0, ("silence",), torch.Generator().manual_seed(0)).apply(b)
+    assert torch.equal(b["audio"], batch()["audio"]) and b["masks"].all()
