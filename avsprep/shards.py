@@ -206,12 +206,13 @@ NEGATIVES = "negatives.h5"
 def write_negatives(out: Path, embeddings: dict[str, np.ndarray]) -> dict:
     """Write the negative-audio embeddings (silence, noise) beside the shards; returns their manifest entry."""
     path = Path(out) / NEGATIVES
+    embeddings = {key: values.astype(np.float32) for key, values in embeddings.items()}
     temporary = path.with_name(path.name + f"{TEMPORARY_SUFFIX}-{os.getpid()}")
     with h5py.File(temporary, "w", track_order=False) as handle:
         for key, values in embeddings.items():
-            handle.create_dataset(key, data=values.astype(np.float32), track_times=False)
+            handle.create_dataset(key, data=values, track_times=False)
     os.replace(temporary, path)
-    return {"file": NEGATIVES, "checksums": {key: dataset_checksum(v.astype(np.float32)) for key, v in embeddings.items()},
+    return {"file": NEGATIVES, "checksums": {key: dataset_checksum(v) for key, v in embeddings.items()},
             "shapes": {key: list(v.shape) for key, v in embeddings.items()}}
 
 

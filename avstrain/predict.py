@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from avsprep.errors import InputError
 from avstrain.data import ShardDataset
-from avstrain.evaluate import autocast
+from avstrain.evaluate import predict_logits
 from avstrain.metrics import FPRMeter, SegmentationMeter
 
 log = logging.getLogger(__name__)
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 BINARY_LOGIT = 20.0
 
 
-@torch.no_grad()
 def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str | Path, split: str = "test",
                       device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 4,
                       progress: Callable[[int], None] | None = None) -> int:
@@ -40,9 +39,7 @@ def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str |
     written = 0
     try:
         for batch in DataLoader(dataset, batch_size=batch_size):
-            frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3)  # [B,T,3,S,S]
-            with autocast(device, amp_dtype):
-                logits = model(frames, batch["audio"].to(device)).logits.float().cpu()  # [B,T,1,S,S]
+            logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
             masks = ((logits[:, :, 0] > 0).numpy() * 255).astype(np.uint8)  # sigmoid > 0.5 <=> logit > 0
             for name, label, clip_masks in zip(batch["name"], batch["label"].tolist(), masks):
                 folder = out / split / (dataset.classes[label] if label >= 0 else "") / name

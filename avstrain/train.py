@@ -153,7 +153,7 @@ class NegativeAudio:
         return true_audio[donors[pick % len(donors)]] if donors else None
 
 
-def _to_device(batch: dict, device: torch.device, image_size: int) -> dict:
+def _to_device(batch: dict, device: torch.device, image_size: int, with_crops: bool) -> dict:
     """Move a batch to the device in the model's layout; frames stay uint8 until there, then resize if needed."""
     non_blocking = device.type == "cuda"
     frames = batch["frames"].to(device, non_blocking=non_blocking).permute(0, 1, 4, 2, 3)  # [B,T,3,S,S]
@@ -166,8 +166,8 @@ def _to_device(batch: dict, device: torch.device, image_size: int) -> dict:
     out = {"frames": frames, "masks": masks, "audio": batch["audio"].to(device),
            "mask_valid": batch["mask_valid"].to(device), "crop_valid": batch["crop_valid"].to(device),
            "label": batch["label"].to(device)}
-    crops = batch["crops"]
-    out["crops"] = crops.to(device, non_blocking=non_blocking).permute(0, 1, 4, 2, 3)  # [B,T,3,c,c]
+    if with_crops:
+        out["crops"] = batch["crops"].to(device, non_blocking=non_blocking).permute(0, 1, 4, 2, 3)  # [B,T,3,c,c]
     return out
 
 
@@ -304,11 +304,11 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
             for batch in DataLoader(dataset, **loader_kwargs):
                 if epoch >= config.train.negatives_from_epoch:
                     negatives.apply(batch)
-                inputs = _to_device(batch, device, config.model.image_size)
+                inputs = _to_device(batch, device, config.model.image_size, crops_needed)
                 for group in optimizer.param_groups:
                     group["lr"] = _learning_rate(config, step, total_steps)
                 with autocast(device, amp_dtype):
-                    output = network(inputs["frames"], inputs["audio"], inputs["crops"] if crops_needed else None)
+                    output = network(inputs["frames"], inputs["audio"], inputs.get("crops"))
                     losses = compute_loss(output, config.loss, inputs["masks"], inputs["mask_valid"],
                                           inputs["label"], inputs["crop_valid"])
                 optimizer.zero_grad(set_to_none=True)
