@@ -101,7 +101,7 @@ def parse_voc(path: Path) -> FrameAnnotation:
     try:
         root = etree.fromstring(data, _xml_parser())
     except etree.XMLSyntaxError as error:
-        raise InputError(path, f"malformed XML ({error})") from None
+        raise InputError(path, f"malformed XML ({' '.join(str(error).split())})") from None  # libxml2's run over lines
     if root.tag != "annotation":
         raise InputError(path, f"root element is <{root.tag}>, expected <annotation>")
     filename = _child_text(path, root, "filename")

@@ -128,6 +128,64 @@ def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trus
 
 
 @main.command()
+@click.option("--root", required=True, type=click.Path(path_type=Path),
+              help="AVSBench download: the subset folder (Single-source/, Multi-sources/) or the one above them.")
+@click.option("--subset", required=True, type=click.Choice(["s4", "ms3"]))
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Shard folder.")
+@click.option("--voc", type=EXISTING_DIR, help="labelImg Pascal VOC XML boxes, matched to frames by <filename>.")
+@click.option("--yolo", type=EXISTING_DIR, help="labelImg YOLO txt boxes (with classes.txt), matched by frame stem.")
+@click.option("--boxes-from-masks", is_flag=True, help="One box per frame: the bounding box of its mask.")
+@click.option("--classes", type=EXISTING_FILE, help="Class list, one name per line (default: the CSV categories).")
+@click.option("--frames-per-clip", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Frame and mask side.")
+@click.option("--crop-size", default=224, show_default=True, type=click.IntRange(8), help="Crop side.")
+@click.option("--max-boxes", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--embedder", default="logmel-stats", show_default=True, type=click.Choice(["logmel-stats", "vggish"]))
+@click.option("--vggish-weights", type=EXISTING_FILE, help="Local VGGish weights (public PyTorch port layout).")
+@click.option("--vggish-pca", type=EXISTING_FILE, help="Local VGGish PCA parameters: apply PCA postprocessing.")
+@click.option("--clips-per-shard", default=64, show_default=True, type=click.IntRange(1))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Processes.")
+@click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1), help="Split the work into K parts.")
+@click.option("--part-index", default=0, show_default=True, type=click.IntRange(0), help="Which part this run writes.")
+@click.option("--on-error", default="error", show_default=True, type=click.Choice(["error", "skip"]),
+              help="Stop at the first bad clip (exit 2), or skip bad clips and report them.")
+@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression (default: none).")
+@exits_cleanly_on_bad_input
+def avsbench(root, subset, out, voc, yolo, boxes_from_masks, classes, frames_per_clip, size, crop_size, max_boxes,
+             embedder, vggish_weights, vggish_pca, clips_per_shard, workers, num_parts, part_index, on_error,
+             compression):
+    """AVSBench S4 / MS3 folders (metadata CSV, visual_frames, gt_masks, audio_wav) -> HDF5 shards."""
+    from avsprep.avsbench import AvsbenchOptions, run_avsbench
+    from avsprep.crops import CropsConfig
+
+    options = AvsbenchOptions(root=root, subset=subset, voc=voc, yolo=yolo, boxes_from_masks=boxes_from_masks,
+                              classes=classes, frames_per_clip=frames_per_clip)
+    config = CropsConfig(out=out, size=size, crop_size=crop_size, max_boxes=max_boxes, embedder=embedder,
+                         vggish_weights=vggish_weights, vggish_pca=vggish_pca, clips_per_shard=clips_per_shard,
+                         workers=workers, num_parts=num_parts, part_index=part_index, on_error=on_error,
+                         compression=compression)
+    bar = ProgressBar("clips")
+    try:
+        result = run_avsbench(options, config, progress=bar)
+    finally:
+        bar.close()
+    manifest = result.crops.manifest
+    click.echo(f"AVSBench {subset.upper()} from {result.layout.meta.parent}: {manifest['clips']} clips in "
+               f"{len(manifest['shards'])} shards at {out} ({result.crops.written} written, "
+               f"{result.crops.reused} already complete); splits {manifest['splits']}")
+    counted = {key: value for key, value in manifest["report"].items() if value}
+    if counted:
+        click.echo("report: " + ", ".join(f"{key} {value}" for key, value in counted.items()))
+    if result.unmatched_annotations:
+        click.echo(f"{len(result.unmatched_annotations)} label files name no frame of the CSV's clips "
+                   f"(first: {result.unmatched_annotations[0]})")
+    if result.crops.skipped:
+        click.echo(f"skipped {len(result.crops.skipped)} clips for bad input:")
+        for skip in result.crops.skipped:
+            click.echo(f"  {skip['clip']}: {skip['error']}")
+
+
+@main.command()
 @click.argument("parts", nargs=-1, required=True, type=EXISTING_DIR)
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Merged shard folder.")
 @exits_cleanly_on_bad_input
@@ -148,7 +206,7 @@ def inspect(shards, verify, as_json):
     """Clips per split and class, shapes, dtypes, embedder, sizes on disk."""
     from avsprep.shards import summarize, verify as verify_shards
 
-    summary = summarize(shards)
+    summary = summarize(shards, skip_unreadable=verify)
     problems = None
     if verify:
         with click.progressbar(length=summary["shards"], label="verifying shards", file=sys.stderr) as bar:
@@ -170,6 +228,77 @@ def inspect(shards, verify, as_json):
             click.echo("verify: ok" if not problems else "verify: FAILED\n" + "\n".join(f"  {p}" for p in problems))
     if problems:
         sys.exit(1)
+
+
+@main.command()
+@click.option("--shards", required=True, type=EXISTING_DIR, help="Shard folder written by avsprep crops.")
+@click.option("--checkpoint", "checkpoints", required=True, multiple=True, type=EXISTING_FILE,
+              help="avstrain checkpoint; repeat for side-by-side panels over the same crops.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="PNG to write.")
+@click.option("--split", default="val", show_default=True)
+@click.option("--max-points", default=20000, show_default=True, type=click.IntRange(5),
+              help="Crops at most (a seeded uniform sample beyond).")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(1))
+@click.option("--perplexity", default=30.0, show_default=True, type=click.FloatRange(1, min_open=False))
+@click.option("--iterations", default=500, show_default=True, type=click.IntRange(250))
+@click.option("--seed", default=0, show_default=True, type=int)
+@exits_cleanly_on_bad_input
+def tsne(shards, checkpoints, out, split, max_points, batch_size, perplexity, iterations, seed):
+    """t-SNE of crop embeddings coloured by class, with the silhouette score of the classes."""
+    from avsprep.tsne import TSNESettings, run_tsne
+
+    settings = TSNESettings(split=split, max_points=max_points, batch_size=batch_size, seed=seed,
+                            perplexity=perplexity, iterations=iterations)
+    bar = ProgressBar("embedding crops")
+    try:
+        result = run_tsne(list(checkpoints), shards, out, settings,
+                          on_sample=lambda sample: bar(0, len(sample.labels) * len(checkpoints)),
+                          progress=lambda n: bar(n, 0))
+    finally:
+        bar.close()
+    for panel in result.panels:
+        scores = [f"{name} {value:.3f}" if value is not None else f"{name} n/a"
+                  for name, value in (("t-SNE", panel.silhouette_2d), ("features", panel.silhouette_features))]
+        click.echo(f"{panel.name}: {panel.features}; silhouette of the classes: {', '.join(scores)}; "
+                   f"embedding {panel.embed_seconds:.1f} s, PCA + t-SNE {panel.tsne_seconds:.1f} s")
+    click.echo(f"wrote {result.out}: {len(result.sample.labels)} crops of {result.sample.clips} clips "
+               f"(split {split}) in {result.seconds:.1f} s")
+
+
+@main.command()
+@click.option("--voc", type=EXISTING_DIR, help="labelImg Pascal VOC XML folder (searched recursively).")
+@click.option("--yolo", type=EXISTING_DIR, help="labelImg YOLO txt folder with classes.txt.")
+@click.option("--images", type=EXISTING_DIR, help="Frames, found by file name recursively (default: next to the XML).")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Folder of PNG sheets.")
+@click.option("--classes", type=EXISTING_FILE, help="Class list, one name per line (fixes the colours).")
+@click.option("--clip-pattern", default="<clip>_<k>", show_default=True)
+@click.option("--frames-per-clip", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--pad-short-clips", is_flag=True)
+@click.option("--trust-xml-paths", is_flag=True, help="Allow reading frames from the XML's <path>.")
+@click.option("--height", default=180, show_default=True, type=click.IntRange(16), help="Frame height on the sheet.")
+@click.option("--max-clips", default=0, show_default=True, type=click.IntRange(0), help="0: every clip.")
+@exits_cleanly_on_bad_input
+def preview(voc, yolo, images, out, classes, clip_pattern, frames_per_clip, pad_short_clips, trust_xml_paths,
+            height, max_clips):
+    """Boxes and class names over the frames: one contact sheet per clip, for checking annotations."""
+    from avsprep.clips import SourceOptions
+    from avsprep.preview import PreviewSettings, write_previews
+
+    options = SourceOptions(voc=voc, yolo=yolo, images=images, classes=classes, trust_xml_paths=trust_xml_paths,
+                            clip_pattern=clip_pattern, frames_per_clip=frames_per_clip,
+                            pad_short_clips=pad_short_clips)
+    settings = PreviewSettings(height=height, max_clips=max_clips)
+    bar = ProgressBar("previews")
+    try:
+        result = write_previews(options, out, settings, progress=bar)
+    finally:
+        bar.close()
+    click.echo(f"wrote {len(result.written)} contact sheets to {out} ({result.boxes} boxes, "
+               f"{result.frames_without_annotation} frames without annotation)")
+    if result.problems:
+        click.echo(f"{len(result.problems)} clips not drawn:")
+        for clip, problem in result.problems.items():
+            click.echo(f"  {clip}: {problem}")
 
 
 if __name__ == "__main__":

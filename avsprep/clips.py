@@ -14,6 +14,7 @@ import logging
 import os
 import re
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,6 +79,7 @@ class ClipSource:
     other_category: str | None = None
     sounding_categories: list[str] = field(default_factory=list)
     padded_frames: int = 0
+    report: dict[str, int] = field(default_factory=dict)  # counts found while looking, summed into the manifest
 
 
 @dataclass
@@ -162,6 +164,13 @@ def _frame_key(stem: str, regex: re.Pattern, frames_per_clip: int) -> tuple[str,
     return (match["clip"], int(match["k"])) if match else None
 
 
+def _parse_voc_or_error(path: Path) -> FrameAnnotation | InputError:
+    try:
+        return parse_voc(path)
+    except InputError as error:
+        return error
+
+
 def discover(options: SourceOptions) -> Discovery:
     """Find and group every clip's inputs. Raises InputError for problems that are not one clip's (a missing root)."""
     if (options.voc is None) == (options.yolo is None):
@@ -177,7 +186,25 @@ def discover(options: SourceOptions) -> Discovery:
     def clip_of(stem: str) -> tuple[str, int] | None:
         return _frame_key(stem, regex, options.frames_per_clip)
 
-    images = index_files(options.images, IMAGE_SUFFIXES, "name") if options.images else None
+    # Listing folders and reading many small annotation files waits on the file system far more than it computes
+    # (both release the GIL): threads overlap that waiting. Results are used in a fixed order below, so the
+    # outcome, including which error is reported first, does not depend on timing.
+    with ThreadPoolExecutor(max_workers=8) as readers:
+        pending_index = {
+            name: readers.submit(index_files, root, suffixes, key)
+            for name, root, suffixes, key in (
+                ("images", options.images, IMAGE_SUFFIXES, "name"),
+                ("masks", options.masks, IMAGE_SUFFIXES, "stem"),
+                ("other_masks", options.other_masks, IMAGE_SUFFIXES, "stem"),
+                ("audio", options.audio, (".wav", ".flac", ".ogg"), "stem"),
+            ) if root
+        }
+        images = pending_index["images"].result() if options.images else None
+        xml_files = find_annotation_files(options.voc, ".xml") if options.voc is not None else []
+        parsed_voc = list(readers.map(_parse_voc_or_error, xml_files))
+        masks = pending_index["masks"].result() if options.masks else {}
+        other_masks = pending_index["other_masks"].result() if options.other_masks else {}
+        audio = pending_index["audio"].result() if options.audio else {}
 
     # Annotations, keyed by the frame's file name.
     annotations: dict[str, FrameAnnotation] = {}
@@ -185,12 +212,10 @@ def discover(options: SourceOptions) -> Discovery:
     frames: dict[str, Path] = {}  # frame file name -> image path
     annotation_names: set[str] = set()
     if options.voc is not None:
-        for xml_file in find_annotation_files(options.voc, ".xml"):
-            key = clip_of(xml_file.stem)
-            try:
-                annotation = parse_voc(xml_file)
-            except InputError as error:
-                problem(key[0] if key else xml_file.stem, error)
+        for xml_file, annotation in zip(xml_files, parsed_voc):
+            if isinstance(annotation, InputError):
+                key = clip_of(xml_file.stem)
+                problem(key[0] if key else xml_file.stem, annotation)
                 continue
             if annotation.filename in annotations:
                 other = annotations[annotation.filename].source
@@ -240,9 +265,6 @@ def discover(options: SourceOptions) -> Discovery:
         classes = None  # sorted over annotations and metadata below
 
     meta = read_meta(options.meta) if options.meta else {}
-    masks = index_files(options.masks, IMAGE_SUFFIXES, "stem") if options.masks else {}
-    other_masks = index_files(options.other_masks, IMAGE_SUFFIXES, "stem") if options.other_masks else {}
-    audio = index_files(options.audio, (".wav", ".flac", ".ogg"), "stem") if options.audio else {}
 
     # Group frames into clips.
     grouped: dict[str, dict[int, Path]] = defaultdict(dict)

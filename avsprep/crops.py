@@ -22,8 +22,9 @@ from threadpoolctl import threadpool_limits
 
 from avsprep import audio as audio_lib
 from avsprep.annotations import Box, clip_box, parse_yolo
-from avsprep.clips import ClipSource, SourceOptions, discover
+from avsprep.clips import ClipSource, Discovery, SourceOptions, discover
 from avsprep.errors import InputError
+from avsprep.images import decode_image
 from avsprep import shards as shard_io
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ class CropsConfig:
     part_index: int = 0
     on_error: str = "error"  # "error": stop at the first bad clip (exit 2); "skip": skip it and count it
     compression: str | None = None  # None or "gzip"/"lzf"; off by default: decode time costs more than disk
+    # Frames without an annotation get the bounding box of their mask's non-zero pixels (one box per frame), named
+    # by the clip's category: AVSBench has masks but no boxes, and this lets the crop losses run on it.
+    boxes_from_masks: bool = False
 
 
 @dataclass
@@ -71,9 +75,7 @@ class ClipRecord:
 def read_image(path: Path) -> np.ndarray:
     """An image file as RGB uint8 [H,W,3] (grayscale, 16-bit and RGBA are converted). InputError if unreadable."""
     # IMREAD_UNCHANGED and our own conversion: IMREAD_COLOR costs a quarter more per decode.
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise InputError(path, "cannot read image (missing, truncated or not an image)")
+    image = decode_image(path, cv2.IMREAD_UNCHANGED)  # pixel cap and truncated-JPEG check first
     if image.dtype == np.uint16:
         image = (image >> 8).astype(np.uint8)
     elif image.dtype != np.uint8:
@@ -87,9 +89,7 @@ def read_image(path: Path) -> np.ndarray:
 
 def read_mask(path: Path) -> np.ndarray:
     """A mask PNG as 0/1 uint8 [H,W]: any non-zero pixel is object (covers 0/255 and palette masks)."""
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise InputError(path, "cannot read mask image")
+    mask = decode_image(path, cv2.IMREAD_GRAYSCALE, "mask image")
     return (mask > 0).astype(np.uint8)
 
 
@@ -108,6 +108,20 @@ def crop_and_resize(image: np.ndarray, box: tuple[int, int, int, int], size: int
 
 def union_box(boxes: list[Box]) -> tuple[int, int, int, int]:
     return (min(b.xmin for b in boxes), min(b.ymin for b in boxes), max(b.xmax for b in boxes), max(b.ymax for b in boxes))
+
+
+def mask_boxes(mask: np.ndarray, width: int, height: int, name: str) -> list[Box]:
+    """The bounding box of a 0/1 mask [h,w]'s non-zero pixels, in pixel edges of a width x height frame; [] for an
+    empty mask. One box for all objects of the frame: the crop is their union either way (as for several annotated
+    boxes). A mask of another size than its frame is scaled, the box rounded outwards."""
+    rows, columns = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        return []
+    mask_height, mask_width = mask.shape
+    xmin, ymin = int(columns[0]) * width // mask_width, int(rows[0]) * height // mask_height
+    xmax = -(-(int(columns[-1]) + 1) * width // mask_width)  # ceiling division
+    ymax = -(-(int(rows[-1]) + 1) * height // mask_height)
+    return [Box(name, xmin, ymin, xmax, ymax)]
 
 
 class ClipBuilder:
@@ -140,8 +154,13 @@ class ClipBuilder:
             image = decoded[frame.image]
             height, width = image.shape[:2]
             frames[t] = resize(image, S)
+            mask = read_mask(frame.mask) if frame.mask is not None else None
             frame_boxes = self._frame_boxes(frame, width, height, report)
-            box_names.update(box.name for box in frame_boxes)
+            if not frame_boxes and mask is not None and self.config.boxes_from_masks:
+                frame_boxes = mask_boxes(mask, width, height, clip.category or "")
+                report["mask_boxes"] += len(frame_boxes)
+            # Mask boxes of a clip without a category (AVSBench MS3) have no class: they give crops, not labels.
+            box_names.update(box.name for box in frame_boxes if box.name in self.class_index)
             if frame_boxes:
                 crops[t] = crop_and_resize(image, union_box(frame_boxes), c)
                 crop_valid[t] = True
@@ -149,12 +168,13 @@ class ClipBuilder:
                     report["boxes_dropped"] += len(frame_boxes) - K
                 for k, box in enumerate(frame_boxes[:K]):
                     boxes[t, k] = (box.xmin / width, box.ymin / height, box.xmax / width, box.ymax / height)
-            if frame.mask is not None:
-                masks[t] = resize(read_mask(frame.mask), S, nearest=True)
+            if mask is not None:
+                masks[t] = resize(mask, S, nearest=True)
                 mask_valid[t] = True
             if other_masks is not None and frame.other_mask is not None:
                 other_masks[t] = resize(read_mask(frame.other_mask), S, nearest=True)
         report["frames_padded"] += clip.padded_frames
+        report.update(clip.report)
 
         if clip.audio is not None:
             examples, padded = audio_lib.clip_examples(clip.audio, T)
@@ -224,9 +244,10 @@ def _init_worker(config, classes, frames_per_clip, has_other_masks, progress) ->
     # on the small log-mel products slowed a whole single-process run down 2x in profiles.
     cv2.setNumThreads(1)
     threadpool_limits(1)
-    if "torch" in sys.modules:  # only the VGGish embedder uses torch; don't import it for nothing
-        sys.modules["torch"].set_num_threads(1)
     _worker["builder"] = ClipBuilder(config, classes, frames_per_clip, has_other_masks)
+    # After the builder: its VGGish embedder is what imports torch (never imported for nothing)
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
     _worker["progress"] = progress.put if hasattr(progress, "put") else progress  # a Queue in worker processes
 
 
@@ -253,8 +274,11 @@ class CropsResult:
 
 
 def run_crops(sources: SourceOptions, config: CropsConfig,
-              progress: Callable[[int, int], None] | None = None) -> CropsResult:
+              progress: Callable[[int, int], None] | None = None, found: Discovery | None = None) -> CropsResult:
     """Build the shards of this part (`num_parts`/`part_index`) into `config.out` and write its manifest.
+
+    `found`: clips already discovered by another reader (`avsprep.avsbench`); by default `discover(sources)`.
+    `sources` then only says which inputs exist (audio, other masks) and the clip length.
 
     With on_error="error" the first bad clip raises InputError (shards completed so far stay, and a re-run
     resumes); with "skip" bad clips are left out and listed in the result and the manifest.
@@ -264,12 +288,12 @@ def run_crops(sources: SourceOptions, config: CropsConfig,
         raise InputError(None, f"--on-error must be 'error' or 'skip', not {config.on_error!r}")
     if not 0 <= config.part_index < config.num_parts:
         raise InputError(None, f"--part-index must lie in 0..{config.num_parts - 1}")
-    found = discover(sources)
+    found = discover(sources) if found is None else found
     if found.problems and config.on_error != "skip":
         raise next(iter(found.problems.values()))
     discovery_skips = [{"clip": name, "error": str(error)} for name, error in found.problems.items()]
     if not found.clips:
-        raise InputError(sources.voc or sources.yolo, "no usable clips found")
+        raise InputError(sources.voc or sources.yolo or sources.meta, "no usable clips found")
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,6 +301,7 @@ def run_crops(sources: SourceOptions, config: CropsConfig,
         frames_per_clip=sources.frames_per_clip, size=config.size, crop_size=config.crop_size,
         max_boxes=config.max_boxes, classes=found.classes, embedder=config.embedder,
         has_other_masks=sources.other_masks is not None, has_audio=sources.audio is not None,
+        box_source="masks" if config.boxes_from_masks else "annotations",
     )
     plans = shard_io.plan_shards(found.clips, out, settings, config.clips_per_shard,
                                  config.num_parts, config.part_index)

@@ -15,6 +15,11 @@ class InputError(Exception):
         self.problem = problem
         super().__init__(problem if path is None else f"{path}: {problem}")
 
+    def __reduce__(self):
+        # Worker processes send their errors back pickled. Exception's default rebuilds InputError(message) and
+        # fails in the parent's result thread, which left `crops --workers N` hanging on the first bad clip.
+        return type(self), (self.path, self.problem)
+
 
 def exits_cleanly(program: str, *error_types: type[Exception]):
     """Decorator for CLI commands: InputError (and `error_types`) end in one line on stderr and exit code 2."""

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class ShardSettings:
     embedder: str
     has_other_masks: bool
     has_audio: bool
+    box_source: str = "annotations"  # or "masks" (`avsprep avsbench --boxes-from-masks`)
 
 
 @dataclass
@@ -76,6 +78,30 @@ class ShardInfo:
     bytes: int
     skipped: list[dict] = field(default_factory=list)  # clips of this shard left out for bad input
     report: dict[str, int] = field(default_factory=dict)  # summed per-clip counts (boxes clipped, audio padded, ...)
+
+
+@contextmanager
+def _writing(temporary: Path, final: Path, reserve: int = 0):
+    """A failed write (disk full, file size limit, quota, permissions) becomes one InputError naming the file. The
+    temporary is removed so that it holds no space; shards completed before stay, and a re-run resumes.
+
+    `reserve`: bytes to allocate for the temporary before HDF5 writes it (HDF5 then truncates it and writes).
+    HDF5 does not recover from a failed write: h5py reports it, but the process then crashes at exit
+    (segfault, h5py 3.16). So a full disk must be found before HDF5 starts, by allocating the space."""
+    try:
+        if reserve:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.posix_fallocate(descriptor, 0, reserve)
+            finally:
+                os.close(descriptor)
+        yield
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        # h5py's messages run over several lines; the errno says it in a few words
+        reason = os.strerror(error.errno) if error.errno else (str(error).splitlines() or [type(error).__name__])[0]
+        raise InputError(final, f"cannot write ({reason}); files completed before are intact: "
+                                f"free space and re-run the same command to resume") from None
 
 
 def shard_name(index: int) -> str:
@@ -179,10 +205,13 @@ def write_shard(plan: ShardPlan, records: list, skipped: list[dict], compression
     checksums = {key: dataset_checksum(values) for key, values in {**arrays, **strings}.items()}
 
     temporary = plan.path.with_name(plan.path.name + f"{TEMPORARY_SUFFIX}-{os.getpid()}")
-    with h5py.File(temporary, "w", track_order=False) as handle:
+    # Room for the uncompressed arrays: an upper bound of the file but for its metadata (measured: 13 kB)
+    reserve = sum(v.nbytes for v in arrays.values()) + sum(len(v.encode()) + 16 for v in strings["name"]) * 2 + 2**16
+    with _writing(temporary, plan.path, reserve), h5py.File(temporary, "w", track_order=False) as handle:
         for key, values in arrays.items():
             # One chunk per clip: a reader gets a whole clip in one read, and nothing more.
-            chunks = (1, *values.shape[1:]) if n and values.ndim > 1 else None
+            # (no chunks for an empty dataset: `sounding` of a dataset without classes, AVSBench MS3)
+            chunks = (1, *values.shape[1:]) if values.size and values.ndim > 1 else None
             handle.create_dataset(key, data=values, chunks=chunks, track_times=False,
                                   compression=compression if chunks else None)
         for key, values in strings.items():
@@ -208,7 +237,8 @@ def write_negatives(out: Path, embeddings: dict[str, np.ndarray]) -> dict:
     path = Path(out) / NEGATIVES
     embeddings = {key: values.astype(np.float32) for key, values in embeddings.items()}
     temporary = path.with_name(path.name + f"{TEMPORARY_SUFFIX}-{os.getpid()}")
-    with h5py.File(temporary, "w", track_order=False) as handle:
+    reserve = sum(v.nbytes for v in embeddings.values()) + 2**16
+    with _writing(temporary, path, reserve), h5py.File(temporary, "w", track_order=False) as handle:
         for key, values in embeddings.items():
             handle.create_dataset(key, data=values, track_times=False)
     os.replace(temporary, path)
@@ -251,6 +281,7 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
         "audio_dim": 128,
         "has_audio": settings.has_audio,
         "has_other_masks": settings.has_other_masks,
+        "box_source": settings.box_source,
         "clips_per_shard": clips_per_shard,
         "num_parts": num_parts,
         "part_index": part_index,
@@ -265,7 +296,8 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
     }
     path = Path(out) / manifest_name(num_parts, part_index)
     temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
-    temporary.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    with _writing(temporary, path):
+        temporary.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(temporary, path)
     return manifest
 
@@ -275,6 +307,7 @@ def _settings_from_manifest(manifest: dict) -> ShardSettings:
         frames_per_clip=manifest["frames_per_clip"], size=manifest["image_size"], crop_size=manifest["crop_size"],
         max_boxes=manifest["max_boxes"], classes=manifest["classes"], embedder=manifest["embedder"],
         has_other_masks=manifest["has_other_masks"], has_audio=manifest["has_audio"],
+        box_source=manifest.get("box_source", "annotations"),
     )
 
 
@@ -339,7 +372,33 @@ def read_manifest(shards_dir: Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
         raise InputError(path, f"schema version {manifest.get('schema_version') if isinstance(manifest, dict) else '?'}"
                                f" is not {SCHEMA_VERSION}")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise InputError(path, f"damaged manifest: {problem}")
     return manifest
+
+
+_MANIFEST_FIELDS = {"frames_per_clip": int, "image_size": int, "crop_size": int, "max_boxes": int, "audio_dim": int,
+                    "classes": list, "embedder": str, "has_audio": bool, "has_other_masks": bool, "clips": int,
+                    "splits": dict, "skipped": list, "report": dict, "shards": list}
+_SHARD_FIELDS = {"file": str, "clips": int, "splits": dict, "checksums": dict}
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """The first field of a manifest that is missing or of the wrong type, or a shard entry naming a file outside
+    the folder; None when the manifest is whole. (Readers index these fields without further checks.)"""
+    for fields, entries, where in ((_MANIFEST_FIELDS, [manifest], ""),
+                                   (_SHARD_FIELDS, manifest.get("shards") or [], "shards[].")):
+        for entry in entries:
+            if not isinstance(entry, dict):
+                return f"{where or 'manifest'} is not an object"
+            for key, kind in fields.items():
+                # bool is an int in Python: a count of True is as wrong as a string
+                if not isinstance(entry.get(key), kind) or (kind is int and isinstance(entry.get(key), bool)):
+                    return f"{where}{key} is missing or not of type {kind.__name__}"
+            if where and (entry["file"] != Path(entry["file"]).name or entry["file"] in ("", ".", "..")):
+                return f"shard file {entry['file']!r} is not a file name in the shard folder"
+    return None
 
 
 def expected_shapes(manifest: dict, clips: int) -> dict[str, tuple[tuple, str]]:
@@ -359,6 +418,45 @@ def expected_shapes(manifest: dict, clips: int) -> dict[str, tuple[tuple, str]]:
     return shapes
 
 
+# What h5py raises for a damaged file, depending on which structure the damage hit (found by fuzzing).
+HDF5_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, RuntimeError)
+
+
+def _dtype_name(dataset: h5py.Dataset) -> str:
+    return "object" if h5py.check_string_dtype(dataset.dtype) is not None else str(dataset.dtype)
+
+
+def schema_problems(handle: h5py.File, manifest: dict, clips: int) -> list[str]:
+    """What is missing, mis-shaped or of the wrong dtype in an open shard of `clips` clips (metadata only: no
+    dataset is read). Empty when the shard has the manifest's schema."""
+    problems = []
+    for key, (shape, dtype) in expected_shapes(manifest, clips).items():
+        dataset = handle.get(key)
+        if not isinstance(dataset, h5py.Dataset):
+            problems.append(f"dataset {key!r} is missing")
+        elif tuple(dataset.shape) != shape or _dtype_name(dataset) != dtype:
+            problems.append(f"{key} is {tuple(dataset.shape)} {_dtype_name(dataset)}, expected {shape} {dtype}")
+    return problems
+
+
+def open_shard(shards_dir: Path, manifest: dict, entry: dict) -> h5py.File:
+    """Open a shard the manifest lists, read-only, after checking its schema (no data read).
+    InputError naming the shard when it is unreadable (truncated, not HDF5) or of another schema."""
+    path = Path(shards_dir) / entry["file"]
+    try:
+        handle = h5py.File(path, "r")
+    except OSError as error:
+        raise InputError(path, f"cannot read shard ({error}); `avsprep inspect --verify` checks them all") from None
+    try:
+        problems = schema_problems(handle, manifest, entry["clips"])
+    except HDF5_READ_ERRORS as error:  # HDF5 metadata damaged past the superblock
+        problems = [f"cannot read shard ({error})"]
+    if problems:
+        handle.close()
+        raise InputError(path, problems[0])
+    return handle
+
+
 def verify(shards_dir: Path, progress=None) -> list[str]:
     """Recheck every listed shard's datasets: presence, shape, dtype and checksum. Returns the problems found."""
     manifest = read_manifest(shards_dir)
@@ -367,18 +465,16 @@ def verify(shards_dir: Path, progress=None) -> list[str]:
         path = Path(shards_dir) / entry["file"]
         try:
             with h5py.File(path, "r") as handle:
-                for key, (shape, dtype) in expected_shapes(manifest, entry["clips"]).items():
-                    if key not in handle:
-                        problems.append(f"{path}: dataset {key!r} is missing")
+                wrong = schema_problems(handle, manifest, entry["clips"])
+                problems.extend(f"{path}: {problem}" for problem in wrong)
+                for key in expected_shapes(manifest, entry["clips"]):
+                    if any(problem.startswith((f"{key} ", f"dataset {key!r}")) for problem in wrong):
                         continue
                     dataset = handle[key]
                     values = dataset.asstr()[()] if key in STRING_DATASETS else dataset[()]
-                    actual_dtype = "object" if key in STRING_DATASETS else str(dataset.dtype)
-                    if tuple(dataset.shape) != shape or actual_dtype != dtype:
-                        problems.append(f"{path}: {key} is {tuple(dataset.shape)} {actual_dtype}, expected {shape} {dtype}")
-                    elif dataset_checksum(np.asarray(values)) != entry["checksums"].get(key):
+                    if dataset_checksum(np.asarray(values)) != entry["checksums"].get(key):
                         problems.append(f"{path}: checksum of {key} does not match the manifest")
-        except OSError as error:
+        except HDF5_READ_ERRORS as error:
             problems.append(f"{path}: cannot read shard ({error})")
         if progress:
             progress(1)
@@ -393,15 +489,29 @@ def verify(shards_dir: Path, progress=None) -> list[str]:
     return problems
 
 
-def summarize(shards_dir: Path) -> dict:
-    """What `avsprep inspect` shows: clips per split and class, shapes and dtypes, embedder, sizes on disk."""
+def summarize(shards_dir: Path, skip_unreadable: bool = False) -> dict:
+    """What `avsprep inspect` shows: clips per split and class, shapes and dtypes, embedder, sizes on disk.
+    A shard that cannot be read is an InputError, or with `skip_unreadable` (for `--verify`, which reports it)
+    left out of the per-class counts."""
     manifest = read_manifest(shards_dir)
     per_split_class: dict[str, Counter] = {}
     for entry in manifest["shards"]:
-        with h5py.File(Path(shards_dir) / entry["file"], "r") as handle:
-            for split, label in zip(handle["split"].asstr()[()], handle["label"][()]):
-                name = manifest["classes"][label] if label >= 0 else "none"
-                per_split_class.setdefault(split, Counter())[name] += 1
+        try:
+            handle = open_shard(shards_dir, manifest, entry)
+        except InputError:
+            if skip_unreadable:
+                continue
+            raise
+        with handle:
+            try:
+                rows = list(zip(handle["split"].asstr()[()], handle["label"][()]))
+            except HDF5_READ_ERRORS as error:
+                if skip_unreadable:
+                    continue
+                raise InputError(Path(shards_dir) / entry["file"], f"cannot read shard ({error})") from None
+        for split, label in rows:
+            name = manifest["classes"][label] if 0 <= label < len(manifest["classes"]) else "none"
+            per_split_class.setdefault(split, Counter())[name] += 1
     return {
         "shards_dir": str(shards_dir),
         "clips": manifest["clips"],

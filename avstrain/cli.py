@@ -59,25 +59,42 @@ def train(config_path, shards, name, runs, overrides, resume):
 @click.option("--split", default="test", show_default=True)
 @click.option("--suite", type=click.Choice(["reliance"]), help="The audio-reliance suite (true, swap, silence, noise, off-screen).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="JSON output (default: eval-<split>.json or reliance.json beside the checkpoint).")
+              help="JSON output (default: eval-<split>.json or reliance.json beside the checkpoint; "
+                   "with --format avsbench prefixed by the checkpoint's stem).")
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
 @click.option("--workers", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--format", "checkpoint_format", default="avs-toolkit", show_default=True,
+              type=click.Choice(["avs-toolkit", "avsbench"]),
+              help="avsbench: a released AVSBench checkpoint (S4_best.pth, MS3_best.pth), built from --config.")
+@click.option("--config", "config_path", type=EXISTING_FILE, help="With --format avsbench: the model's config.")
+@click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
+              help="With --format avsbench: override a config field.")
 @exits_cleanly_on_bad_input
-def evaluate(checkpoint, shards, split, suite, out, batch_size, workers):
+def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpoint_format, config_path, overrides):
     """mIoU, F and F_avsbench overall and per class, or the reliance suite; JSON plus a table."""
     import torch
 
     from avstrain.evaluate import evaluate as run_evaluation, format_table, reliance_suite
     from avstrain.train import load_checkpoint, model_from_checkpoint, resolve_amp
 
-    state = load_checkpoint(checkpoint)
-    model, config = model_from_checkpoint(state)
+    if checkpoint_format == "avsbench":
+        from avstrain.avsbench import load_avsbench_model
+        from avstrain.config import load_config
+
+        model, config = load_avsbench_model(checkpoint, load_config(config_path, list(overrides)))
+    elif config_path or overrides:
+        raise ConfigError("--config and --set apply to --format avsbench; a trained checkpoint holds its config")
+    else:
+        model, config = model_from_checkpoint(load_checkpoint(checkpoint))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device).eval()
     amp_dtype = resolve_amp(config.train.amp, device)
     run = reliance_suite if suite == "reliance" else run_evaluation
     results = run(model, shards, split, device, amp_dtype, batch_size=batch_size, num_workers=workers)
-    out = out or checkpoint.parent / ("reliance.json" if suite else f"eval-{split}.json")
+    if out is None:
+        # Released checkpoints share a folder (S4_best.pth, MS3_best.pth): name the output after the file.
+        prefix = f"{checkpoint.stem}-" if checkpoint_format == "avsbench" else ""
+        out = checkpoint.parent / (prefix + ("reliance.json" if suite else f"eval-{split}.json"))
     out.write_text(json.dumps(results, indent=1) + "\n")
     click.echo(format_table(results))
     click.echo(f"wrote {out}")
@@ -85,26 +102,62 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers):
 
 @main.command()
 @click.option("--checkpoint", required=True, type=EXISTING_FILE)
-@click.option("--shards", required=True, type=EXISTING_DIR)
+@click.option("--shards", type=EXISTING_DIR, help="Shard folder: predict every clip of --split.")
+@click.option("--video", type=EXISTING_FILE, help="Or a video file of your own (frames at 1 per second, OpenCV).")
+@click.option("--audio", type=EXISTING_FILE, help="With --video: its sound as WAV/FLAC/OGG (OpenCV reads no audio).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
+@click.option("--overlays", default=0, show_default=True, type=click.IntRange(0),
+              help="Also draw overlay grids (frame, truth, prediction, heat map; own, swapped and silent audio) "
+                   "for the first N clips into <out>/overlays/.")
+@click.option("--frames-per-clip", type=click.IntRange(1), help="With --video: seconds per window "
+                                                                "(default: the training shards' T, else 5).")
+@click.option("--vggish-weights", type=EXISTING_FILE, help="With --video: for a checkpoint trained on VGGish audio.")
+@click.option("--vggish-pca", type=EXISTING_FILE, help="With --video: VGGish PCA parameters, if the shards used them.")
 @exits_cleanly_on_bad_input
-def predict(checkpoint, shards, out, split, batch_size):
-    """Write 0/255 mask PNGs for every clip in the AVSBench layout (<split>/<category>/<clip>/<clip>_<k>.png)."""
+def predict(checkpoint, shards, video, audio, out, split, batch_size, overlays, frames_per_clip, vggish_weights,
+            vggish_pca):
+    """Masks for every clip in the AVSBench layout (<split>/<category>/<clip>/<clip>_<k>.png), or for a video."""
     import torch
 
+    from avsprep.errors import InputError
     from avsprep.shards import read_manifest
     from avstrain.predict import write_predictions
     from avstrain.train import load_checkpoint, model_from_checkpoint, resolve_amp
 
-    model, config = model_from_checkpoint(load_checkpoint(checkpoint))
+    if (shards is None) == (video is None):
+        raise InputError(None, "give exactly one of --shards DIR and --video FILE")
+    if video is None and (audio or vggish_weights or vggish_pca or frames_per_clip):
+        raise InputError(None, "--audio, --vggish-weights, --vggish-pca and --frames-per-clip go with --video")
+    state = load_checkpoint(checkpoint)
+    model, config = model_from_checkpoint(state)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp_dtype = resolve_amp(config.train.amp, device)
+    if video is not None:
+        from avstrain.visualise import choose_embedder, segment_video
+
+        uses_audio = config.model.audio
+        embedder = choose_embedder(state, checkpoint, vggish_weights, vggish_pca) if uses_audio else None
+        result = segment_video(model, video, audio, out, embedder,
+                               frames_per_clip or state.get("frames_per_clip") or 5, device=device,
+                               amp_dtype=amp_dtype)
+        click.echo(f"{video}: {result.seconds} frames at 1 per second ({result.fps:g} fps video), audio through "
+                   f"{result.embedder}; wrote {len(result.masks)} masks and {len(result.overlays)} overlay grids "
+                   f"to {out}")
+        return
     clips = read_manifest(shards)["splits"].get(split, 0)
     with click.progressbar(length=clips, label="predicting clips", file=sys.stderr) as bar:
-        written = write_predictions(model, shards, out, split, device, resolve_amp(config.train.amp, device),
-                                    batch_size, progress=bar.update)
+        written = write_predictions(model, shards, out, split, device, amp_dtype, batch_size, progress=bar.update)
     click.echo(f"wrote {written} masks of {clips} clips to {out}")
+    if overlays:
+        from avstrain.visualise import write_overlays
+
+        with click.progressbar(length=min(overlays, clips), label="overlay grids", file=sys.stderr) as bar:
+            result = write_overlays(model, shards, out / "overlays", overlays, split, device, amp_dtype,
+                                    progress=bar.update)
+        click.echo(f"wrote {len(result.written)} overlay grids ({', '.join(result.conditions)} audio) "
+                   f"to {out / 'overlays'}")
 
 
 @main.command()
@@ -126,6 +179,28 @@ def score(pred, gt, layout, index_base, csv_path, out):
     fpr = "n/a" if results["fpr"] is None else f"{results['fpr']:.4f}"
     click.echo(f"{results['clips']} clips, {results['frames']} frames: mIoU {results['miou']:.4f}, F {results['f']:.4f}, "
                f"F_avsbench {results['f_avsbench']:.4f}, FPR (empty targets) {fpr}")
+
+
+@main.command()
+@click.argument("run_dir", type=EXISTING_DIR)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG (default: <run>/curves.png).")
+@exits_cleanly_on_bad_input
+def plot(run_dir, out):
+    """Loss parts (steps.jsonl) and validation metrics (metrics.jsonl) over epochs as a PNG."""
+    from avstrain.plot import plot_run
+
+    click.echo(f"wrote {plot_run(run_dir, out)}")
+
+
+@main.command()
+@click.argument("run_dir", type=EXISTING_DIR)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="HTML (default: <run>/report.html).")
+@exits_cleanly_on_bad_input
+def report(run_dir, out):
+    """One self-contained HTML page: config, metrics and reliance tables, curves, t-SNE, overlay grids."""
+    from avstrain.report import write_report
+
+    click.echo(f"wrote {write_report(run_dir, out)}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from avsprep.errors import InputError
 from avsprep.shards import read_manifest, read_negatives
-from avstrain.config import Config, config_to_dict, config_to_toml
+from avstrain.config import Config, ConfigError, config_to_dict, config_to_toml
 from avstrain.data import Augmentation, ShardDataset
 from avstrain.evaluate import autocast, evaluate
 from avstrain.losses import compute_loss
@@ -81,7 +81,8 @@ def load_checkpoint(path: str | Path) -> dict:
     except FileNotFoundError:
         raise InputError(path, "checkpoint not found") from None
     except Exception as error:  # torch raises several types for files that are not checkpoints
-        raise InputError(path, f"not a loadable checkpoint ({str(error).splitlines()[0][:200]})") from None
+        first_line = (str(error).splitlines() or [type(error).__name__])[0]  # an empty file gives an empty message
+        raise InputError(path, f"not a loadable checkpoint ({first_line[:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise InputError(path, "not an avs-toolkit checkpoint (use --format avsbench for the reference's)")
     return state
@@ -192,6 +193,9 @@ def _learning_rate(config: Config, step: int, total_steps: int) -> float:
 def build_for_shards(config: Config, manifest: dict) -> torch.nn.Module:
     """The model of `config.model`, with the crop classifier sized to the shards' class map."""
     uses_crops = config.model.crop_mode != "off"
+    if config.loss.crop_cls > 0 and not manifest["classes"]:
+        raise ConfigError("loss.crop_cls > 0 needs class labels, and these shards have none "
+                          "(AVSBench MS3 has no classes): set loss.crop_cls=0")
     model_config = dataclasses.replace(config.model, num_classes=len(manifest["classes"]) if uses_crops else 0)
     return build_model(model_config)
 
@@ -291,6 +295,8 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
             "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "best_miou": best_miou,
             "config": config_to_dict(config), "classes": manifest["classes"], "rng": _rng_state(negatives_generator),
+            # The audio embedder of the training shards: `avstrain predict --video` must embed a user's audio alike.
+            "embedder": manifest.get("embedder"), "frames_per_clip": manifest.get("frames_per_clip"),
         }, path)
 
     last_metrics: dict = {}
@@ -364,6 +370,9 @@ def model_from_checkpoint(state: dict) -> tuple[torch.nn.Module, Config]:
     from avstrain.config import build_config
 
     config = build_config(state["config"])
-    model = build_for_shards(config, {"classes": state["classes"]})
+    # Every tensor comes from the checkpoint: the ImageNet weight files it was trained from need not be at hand.
+    no_weight_files = dataclasses.replace(config, model=dataclasses.replace(
+        config.model, backbone_weights=None, crop_backbone_weights=None))
+    model = build_for_shards(no_weight_files, {"classes": state["classes"]})
     model.load_state_dict(state["model"])
     return model, config

@@ -92,3 +92,26 @@ def test_unknown_split_is_an_input_error(shards):
 
     with pytest.raises(InputError, match="no clips of split"):
         ShardDataset(shards, split="holdout")
+
+
+def test_open_shards_are_bounded_and_reads_stay_exact(tmp_path):
+    """Reading many shards keeps at most MAX_OPEN_SHARDS files open (memory flat in the dataset size), and a
+    shard closed and reopened later gives the same clips."""
+    import h5py
+
+    from avstrain.data import MAX_OPEN_SHARDS
+
+    dataset = make_dataset(tmp_path / "raw", clips=60)  # a third of them train: 20 one-clip shards
+    out = tmp_path / "shards"
+    result = CliRunner().invoke(avsprep_main, crops_args(dataset, out) + ["--clips-per-shard", "1"])
+    assert result.exit_code == 0, result.output
+    reader = ShardDataset(out, split="train", shuffle=True, seed=1)
+    seen = {}
+    for _ in range(2):  # the second pass reopens shards closed during the first
+        for item in reader:
+            assert len(reader._open) <= MAX_OPEN_SHARDS
+            seen.setdefault(item["name"], []).append(item["frames"])
+    assert len(seen) == 20 and all(torch.equal(a, b) for a, b in seen.values())
+    with h5py.File(out / "shard-00003.h5", "r") as handle:
+        name = handle["name"].asstr()[0]
+        assert torch.equal(seen[name][0], torch.as_tensor(handle["frames"][0]))

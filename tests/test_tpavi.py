@@ -88,3 +88,17 @@ def test_fresh_block_is_layernorm_of_input():
     out = block(visual, torch.randn(1, 2, 16))
     expected = torch.nn.functional.layer_norm(visual.permute(0, 2, 3, 4, 1), (8,)).permute(0, 4, 1, 2, 3)
     torch.testing.assert_close(out.visual, expected)
+
+
+def test_naive_flag_runs_the_reference_formula_with_the_same_outputs():
+    # The training benchmark builds the reference-style model by switching its blocks to the N×N formula.
+    block = _randomised_block(8, 16, seed=7).eval()
+    visual = torch.randn(2, 8, 3, 4, 5, dtype=torch.float64)
+    audio = torch.randn(2, 3, 16, dtype=torch.float64)
+    fast = block(visual, audio)
+    block.naive = True
+    slow = block(visual, audio)
+    reference, _ = tpavi_naive(block, visual, audio)
+    assert torch.equal(slow.visual, reference)
+    for name in ("visual", "audio_proj", "av_scores"):
+        assert (getattr(fast, name) - getattr(slow, name)).abs().max().item() <= 1e-8

@@ -219,3 +219,18 @@ def test_negative_audio_replaces_sound_and_empties_the_target(shards):
     b = batch()
     NegativeAudio(shards, 0.0, ("silence",), torch.Generator().manual_seed(0)).apply(b)
     assert torch.equal(b["audio"], batch()["audio"]) and b["masks"].all()
+
+
+def test_checkpoint_loads_without_the_backbone_weight_file(shards, tmp_path):
+    """A model trained from a local ImageNet file evaluates from its checkpoint alone (the file may be gone)."""
+    import torchvision
+
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
+    config = tiny_config("optim.epochs=1", f"model.backbone_weights={weights}")
+    train(config, shards, tmp_path / "run")
+    weights.unlink()
+    result = CliRunner().invoke(avstrain_main, ["eval", "--checkpoint", str(tmp_path / "run" / "best.pt"),
+                                                "--shards", str(shards), "--split", "test"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "eval-test.json").read_text())["overall"]["miou"] >= 0.0

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make train`: synthetic data -> shards -> training -> audio-reliance evaluation on the test split.
+# `make train`: synthetic data -> shards -> training -> audio-reliance evaluation on the test split -> pictures and
+# runs/<name>/report.html.
 # Steps whose output exists are reused (synth, crops); training resumes from runs/<name>/last.pt if present.
 set -euo pipefail
 CONFIG=${CONFIG:-configs/synth-cpu.toml}
@@ -18,3 +19,9 @@ avsprep crops --voc "$DATA/labels" --images "$DATA/visual_frames" --masks "$DATA
 avsprep inspect "$SHARDS" --verify
 avstrain train --config "$CONFIG" --shards "$SHARDS" --name "$NAME" --resume
 avstrain eval --checkpoint "runs/$NAME/best.pt" --shards "$SHARDS" --split test --suite reliance
+# Pictures of the run (CPU time about 1 min): curves, t-SNE of the test crops, overlay grids, one HTML page.
+avstrain plot "runs/$NAME"
+avsprep tsne --shards "$SHARDS" --checkpoint "runs/$NAME/best.pt" --split test --out "runs/$NAME/tsne.png"
+avstrain predict --checkpoint "runs/$NAME/best.pt" --shards "$SHARDS" --split test --out "runs/$NAME/predictions" \
+  --overlays 4
+avstrain report "runs/$NAME"

@@ -34,10 +34,13 @@ class TPAVI(nn.Module):
     identity up to the LayerNorm.
     """
 
-    def __init__(self, channels: int = 256, audio_dim: int = 128) -> None:
+    def __init__(self, channels: int = 256, audio_dim: int = 128, naive: bool = False) -> None:
         super().__init__()
         inter = max(channels // 2, 1)
         self.channels, self.inter_channels = channels, inter
+        # True: forward runs the reference's N×N formula (`tpavi_naive`), for benchmarks against the reference;
+        # same weights and outputs, memory O(N²).
+        self.naive = naive
         self.audio_proj = nn.Linear(audio_dim, channels)
         self.theta = nn.Conv3d(channels, inter, kernel_size=1)
         self.phi = nn.Conv3d(channels, inter, kernel_size=1)
@@ -50,6 +53,11 @@ class TPAVI(nn.Module):
 
     def forward(self, visual: Tensor, audio: Tensor) -> TPAVIOutput:
         """visual [B, C, T, h, w], audio [B, T, audio_dim] -> TPAVIOutput."""
+        if self.naive:
+            z, a = tpavi_naive(self, visual, audio)
+            phi = F.linear(a, self.phi.weight.flatten(1), self.phi.bias)  # [B, T, C']
+            av_scores = torch.einsum("bcthw,btc->bthw", self.theta(visual), phi)
+            return TPAVIOutput(visual=z, audio_proj=a, av_scores=av_scores)
         B, C, T, h, w = visual.shape
         n = T * h * w
         a = self.audio_proj(audio)  # [B, T, C]

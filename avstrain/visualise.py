@@ -1,0 +1,384 @@
+"""Pictures of what the model does: overlay grids over shard clips, and segmentation of a user's own video.
+
+Overlay grid (`avstrain predict ... --overlays N`), one PNG per clip, T columns, rows:
+
+- the frame; the ground truth (sounding object filled green, the other visible object outlined orange);
+- for each kind of audio — the clip's own, the other visible object's (the swap of the reliance suite: the audio of
+  another clip of the split whose class is that object's), silence — the predicted mask (red) over the frame with
+  the object it should follow outlined, and the TPAVI audio-visual heat map over the frame.
+
+The heat map is the per-position score θ_i·φ_t of the finest TPAVI stage (`AVSOutput.av_scores`, DESIGN §6),
+upsampled bilinearly to the frame. Its colour scale is shared by all rows and frames of a clip (1st..99th
+percentile), so the rows compare: with the other object's audio the hot region should move to the other object.
+
+`segment_video` runs a checkpoint on a video file and a separate audio file, without shards: frames at 1 per
+second, taken at the middle of each second (t = k + 0.5 s, the centre of audio example k), resized to the
+model's square input as `avsprep crops` resizes frames, and the audio embedded with the embedder the training
+shards were made with (recorded in the checkpoint), one 128-d vector per second.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from avsprep.errors import InputError
+from avsprep.shards import read_negatives
+from avstrain.data import ShardDataset
+from avstrain.evaluate import DonorPicker, autocast, read_split_table
+
+log = logging.getLogger(__name__)
+
+PREDICTION_RGB = np.array([230, 40, 40], np.float32)
+TARGET_RGB = (40, 200, 40)
+OTHER_RGB = (255, 150, 0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Model call with the heat map
+
+
+@dataclass
+class Prediction:
+    """probabilities [B,T,S,S] float32 (sigmoid of the logits); heat [B,T,S,S] float32 or None (no TPAVI)."""
+
+    probabilities: Tensor
+    heat: Tensor | None
+
+
+@torch.no_grad()
+def predict_with_heat(model: nn.Module, frames: Tensor, audio: Tensor, device: torch.device | str = "cpu",
+                      amp_dtype: torch.dtype | None = None) -> Prediction:
+    """frames [B,T,S,S,3] uint8, audio [B,T,128] -> Prediction at frame size S (model in eval mode, on device)."""
+    device = torch.device(device)
+    with autocast(device, amp_dtype):
+        output = model(frames.to(device).permute(0, 1, 4, 2, 3), audio.to(device))
+    B, T, _, S, _ = output.logits.shape
+    probabilities = torch.sigmoid(output.logits.float())[:, :, 0].cpu()
+    heat = None
+    if output.av_scores:
+        scores = output.av_scores[min(output.av_scores)].float()  # the finest TPAVI stage: [B,T,h,w]
+        heat = F.interpolate(scores.flatten(0, 1)[:, None], size=(S, S), mode="bilinear",
+                             align_corners=False)[:, 0].view(B, T, S, S).cpu()
+    return Prediction(probabilities, heat)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Drawing
+
+
+def _outline(image: np.ndarray, mask: np.ndarray, color: tuple[int, int, int]) -> np.ndarray:
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    return cv2.drawContours(np.ascontiguousarray(image), contours, -1, color, 1)
+
+
+def mask_overlay(frame: np.ndarray, mask: np.ndarray, outline: np.ndarray | None = None,
+                 outline_color: tuple[int, int, int] = TARGET_RGB, fill: np.ndarray = PREDICTION_RGB) -> np.ndarray:
+    """frame [S,S,3] uint8 with mask [S,S] bool filled at 55 % and, optionally, another mask's outline."""
+    picture = frame.astype(np.float32)
+    picture[mask] = 0.45 * picture[mask] + 0.55 * fill
+    picture = picture.clip(0, 255).astype(np.uint8)
+    return _outline(picture, outline, outline_color) if outline is not None else picture
+
+
+def heat_overlay(frame: np.ndarray, heat: np.ndarray, low: float, high: float) -> np.ndarray:
+    """frame [S,S,3] uint8 blended with heat [S,S] in the `inferno` colour map over [low, high]."""
+    scaled = (np.clip((heat - low) / max(high - low, 1e-12), 0, 1) * 255).astype(np.uint8)
+    colours = cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB).astype(np.float32)
+    return (0.35 * frame + 0.65 * colours).clip(0, 255).astype(np.uint8)
+
+
+def draw_grid(rows: list[tuple[str, list[np.ndarray]]], title: str, out: Path, cell: int = 128) -> Path:
+    """A grid of RGB pictures, one labelled row each, each picture scaled to cell x cell; written as a PNG.
+
+    Drawn with OpenCV rather than matplotlib subplots: 40 axes cost about 3 s a grid, this about 50 ms.
+    """
+    columns = max(len(pictures) for _, pictures in rows)
+    label_width, header, gap = 200, 44, 4
+    height = header + len(rows) * (cell + gap)
+    width = label_width + columns * (cell + gap)
+    canvas = np.full((height, width, 3), 255, np.uint8)
+    _put_lines(canvas, [title], 8, 20, scale=0.55)
+    for c in range(columns):
+        _put_lines(canvas, [f"t = {c + 1}"], label_width + c * (cell + gap) + cell // 2 - 22, header - 8)
+    for r, (label, pictures) in enumerate(rows):
+        top = header + r * (cell + gap)
+        lines = label.split("\n")
+        _put_lines(canvas, lines, 8, top + cell // 2 - 9 * (len(lines) - 1) + 5)
+        for c, image in enumerate(pictures):
+            interpolation = cv2.INTER_NEAREST if image.shape[0] <= cell else cv2.INTER_AREA
+            left = label_width + c * (cell + gap)
+            canvas[top:top + cell, left:left + cell] = cv2.resize(image, (cell, cell), interpolation=interpolation)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+        raise InputError(out, "cannot write the picture")
+    return out
+
+
+def _put_lines(canvas: np.ndarray, lines: list[str], x: int, y: int, scale: float = 0.45) -> None:
+    for i, line in enumerate(lines):
+        cv2.putText(canvas, line, (x, y + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def _iou(prediction: np.ndarray, target: np.ndarray) -> float:
+    union = np.logical_or(prediction, target).sum()
+    return float(np.logical_and(prediction, target).sum() / union) if union else 1.0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Overlays over shard clips
+
+
+@dataclass
+class OverlayResult:
+    written: list[Path] = field(default_factory=list)
+    conditions: list[str] = field(default_factory=list)  # the kinds of audio drawn: "own", "swap", "silence"
+
+
+@dataclass
+class _Condition:
+    """One kind of audio given to a clip: audio [T,128]; `follow` [T,S,S] bool is the mask it should produce."""
+
+    kind: str
+    label: str
+    audio: Tensor
+    follow: np.ndarray | None
+    colour: tuple[int, int, int]
+
+
+def write_overlays(model: nn.Module, shards_dir: str | Path, out: str | Path, clips: int, split: str = "test",
+                   device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, seed: int = 0,
+                   progress: Callable[[int], None] | None = None) -> OverlayResult:
+    """Overlay grids of the first `clips` clips of the split (split order), as `<out>/<clip>.png`.
+
+    Rows per clip: frame, ground truth, then per audio condition (own, the other object's, silence) the prediction
+    and the heat map. The swap donor is chosen as `reliance_suite` chooses it (same seed, same clip); a condition
+    without audio to give (no other object or no donor clip; no negatives.h5 for silence) is left out of that
+    clip's grid. A model without TPAVI (vision-only) has no heat-map rows.
+    """
+    device, out = torch.device(device), Path(out)
+    dataset = ShardDataset(shards_dir, split, shuffle=False, rank=0, world_size=1)
+    table = read_split_table(dataset, with_audio=True)
+    donors = DonorPicker(table.labels, seed)
+    try:
+        silence = torch.from_numpy(read_negatives(Path(shards_dir))["silence"][0]).float()  # [T,128]
+    except InputError as error:
+        log.warning("no silence row: %s", error)
+        silence = None
+    classes = dataset.classes
+    result = OverlayResult()
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        for clip in dataset:
+            if len(result.written) >= clips:
+                break
+            name = clip["name"]
+            position = table.position[name]
+            label, other = int(clip["label"]), int(clip.get("other_label", torch.tensor(-1)))
+            target = clip["masks"].numpy().astype(bool)
+            other_mask = clip["other_masks"].numpy().astype(bool) if "other_masks" in clip else None
+            conditions = [_Condition("own", f"own audio ({_class(classes, label)})", clip["audio"], target,
+                                     TARGET_RGB)]
+            donor = donors.swap(position, other) if other_mask is not None else None
+            if donor is not None:
+                conditions.append(_Condition("swap", f"{classes[other]} audio\n(clip {table.names[donor]})",
+                                             torch.from_numpy(table.audio[donor]), other_mask, OTHER_RGB))
+            if silence is not None and silence.shape[0] == clip["audio"].shape[0]:
+                conditions.append(_Condition("silence", "silence", silence, None, TARGET_RGB))
+            frames = clip["frames"][None].expand(len(conditions), -1, -1, -1, -1)
+            audio = torch.stack([condition.audio for condition in conditions])  # [K,T,128]
+            prediction = predict_with_heat(model, frames, audio, device, amp_dtype)
+            path = _clip_grid(name, clip, classes, label, other, target, other_mask, conditions, prediction,
+                              out / f"{name}.png")
+            result.written.append(path)
+            drawn = set(result.conditions) | {condition.kind for condition in conditions}
+            result.conditions = [kind for kind in ("own", "swap", "silence") if kind in drawn]
+            if progress:
+                progress(1)
+    finally:
+        model.train(was_training)
+    return result
+
+
+def _class(classes: list[str], label: int) -> str:
+    return classes[label] if 0 <= label < len(classes) else "none"
+
+
+def _clip_grid(name: str, clip: dict, classes: list[str], label: int, other: int, target: np.ndarray,
+               other_mask: np.ndarray | None, conditions: list[_Condition], prediction: Prediction,
+               path: Path) -> Path:
+    frames = clip["frames"].numpy()  # [T,S,S,3]
+    valid = clip["mask_valid"].numpy()
+    T = len(frames)
+    truth = []
+    for t in range(T):
+        sounding = target[t] & valid[t]
+        picture = _outline(mask_overlay(frames[t], sounding, fill=np.array((0, 255, 0), np.float32)), sounding,
+                           TARGET_RGB)
+        truth.append(_outline(picture, other_mask[t], OTHER_RGB) if other_mask is not None else picture)
+    rows = [("frame", list(frames)), ("ground truth", truth)]
+    heat = prediction.heat.numpy() if prediction.heat is not None else None
+    low, high = (np.percentile(heat, 1), np.percentile(heat, 99)) if heat is not None else (0.0, 1.0)
+    for i, condition in enumerate(conditions):
+        predicted = prediction.probabilities[i].numpy() > 0.5  # [T,S,S]
+        follow = condition.follow
+        if follow is None:
+            score = f"{predicted.mean():.1%} on"
+        else:
+            ious = [_iou(predicted[t], follow[t]) for t in range(T) if valid[t]]
+            score = f"IoU {np.mean(ious):.2f}" if ious else ""
+        rows.append((f"{condition.label}\n{score}",
+                     [mask_overlay(frames[t], predicted[t], None if follow is None else follow[t], condition.colour)
+                      for t in range(T)]))
+        if heat is not None:
+            rows.append(("heat map", [heat_overlay(frames[t], heat[i, t], low, high) for t in range(T)]))
+    title = f"{name}: sounding {_class(classes, label)}" + (f", also visible {_class(classes, other)}"
+                                                            if other >= 0 else "")
+    return draw_grid(rows, title, path)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A user's own video
+
+
+@dataclass
+class VideoResult:
+    masks: list[Path]
+    overlays: list[Path]
+    seconds: int  # frames sampled (one per second)
+    fps: float
+    audio_padded: int  # seconds of audio repeated because the audio was shorter than the video
+    embedder: str
+
+
+def sample_video_frames(path: str | Path, max_seconds: int = 0) -> tuple[list[np.ndarray], float]:
+    """RGB frames [H,W,3] uint8 at 1 per second (the frame at t = k + 0.5 s, k = 0, 1, ...) and the frame rate.
+
+    The video is decoded sequentially (seeking is imprecise for many codecs); `max_seconds` > 0 stops early.
+    """
+    path = Path(path)
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        raise InputError(path, "cannot open the video (missing, or a format OpenCV cannot decode)")
+    try:
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        if not fps or not np.isfinite(fps) or fps <= 0:
+            raise InputError(path, "the video reports no frame rate")
+        frames, first, index, k = [], None, 0, 0
+        while True:
+            ok, image = capture.read()
+            if not ok:
+                break
+            if first is None:
+                first = image
+            if index == int((k + 0.5) * fps):
+                frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+                k += 1
+                if max_seconds and k >= max_seconds:
+                    break
+            index += 1
+    finally:
+        capture.release()
+    if first is None:
+        raise InputError(path, "the video has no decodable frame")
+    if not frames:  # shorter than half a second: its first frame stands for its one second
+        frames.append(cv2.cvtColor(first, cv2.COLOR_BGR2RGB))
+    return frames, float(fps)
+
+
+def choose_embedder(state: dict, checkpoint: str | Path, vggish_weights: str | Path | None = None,
+                    vggish_pca: str | Path | None = None):
+    """The audio embedder the checkpoint was trained with (recorded from its shards' manifest).
+
+    A checkpoint trained on VGGish embeddings needs `vggish_weights`; one trained on the weight-free `logmel-stats`
+    refuses them. Checkpoints written before the embedder was recorded use `logmel-stats` unless VGGish weights are
+    given.
+    """
+    from avsprep.audio import make_embedder
+
+    recorded = state.get("embedder")
+    if recorded == "vggish" and vggish_weights is None:
+        raise InputError(checkpoint, "was trained on VGGish audio embeddings: give --vggish-weights FILE "
+                                     "(and --vggish-pca FILE if the shards used PCA)")
+    if recorded == "logmel-stats" and (vggish_weights is not None or vggish_pca is not None):
+        raise InputError(checkpoint, "was trained on logmel-stats audio embeddings; --vggish-weights does not apply")
+    if recorded is None:
+        recorded = "vggish" if vggish_weights is not None else "logmel-stats"
+        log.warning("%s does not record its audio embedder; using %s", checkpoint, recorded)
+    return make_embedder(recorded, vggish_weights, vggish_pca)
+
+
+def segment_video(model: nn.Module, video: str | Path, audio: str | Path | None, out: str | Path, embedder=None,
+                  frames_per_clip: int = 5, image_size: int | None = None, device: torch.device | str = "cpu",
+                  amp_dtype: torch.dtype | None = None, max_seconds: int = 0) -> VideoResult:
+    """Segment the sounding object in a video: `<out>/<stem>_<k>.png` 0/255 masks at the video's resolution
+    (k = 1..n, one per second) and `<out>/<stem>_overlay_<w>.png` grids (frame, prediction, heat map) per window.
+
+    The n seconds are cut into windows of `frames_per_clip` (the last may be shorter; TPAVI takes any T). `audio`
+    (WAV/FLAC/OGG, any rate) is required unless the model ignores audio (vision-only): OpenCV cannot read a
+    video's sound track.
+    """
+    from avsprep.audio import clip_examples
+    from avsprep.crops import resize
+
+    video, out = Path(video), Path(out)
+    uses_audio = bool(getattr(getattr(model, "config", None), "audio", True))
+    if audio is None and uses_audio:
+        raise InputError(video, "no --audio given: OpenCV cannot read a video's sound track; extract it first, "
+                                "e.g. `ffmpeg -i VIDEO -ac 1 -ar 16000 audio.wav`, and pass --audio audio.wav")
+    frames, fps = sample_video_frames(video, max_seconds)
+    n = len(frames)
+    size = image_size or model.config.image_size
+    inputs = torch.from_numpy(np.stack([resize(frame, size) for frame in frames]))  # [n,S,S,3]
+    padded, name = 0, "none"
+    if audio is not None and uses_audio:
+        examples, padded = clip_examples(audio, n)  # [n,96,64]
+        embeddings = torch.from_numpy(embedder.embed(examples)).float()  # [n,128]
+        name = embedder.name
+        if padded:
+            log.warning("%s: audio is %d s shorter than the %d s of video; its last second is repeated",
+                        audio, padded, n)
+    else:
+        embeddings = torch.zeros(n, 128)
+    device = torch.device(device)
+    out.mkdir(parents=True, exist_ok=True)
+    masks, overlays = [], []
+    was_training = model.training
+    model.to(device).eval()
+    try:
+        for w, start in enumerate(range(0, n, frames_per_clip), start=1):
+            stop = min(n, start + frames_per_clip)
+            prediction = predict_with_heat(model, inputs[None, start:stop], embeddings[None, start:stop], device,
+                                           amp_dtype)
+            predicted = prediction.probabilities[0].numpy() > 0.5  # [t,S,S]
+            for t, k in enumerate(range(start, stop)):
+                height, width = frames[k].shape[:2]
+                mask = cv2.resize(predicted[t].astype(np.uint8) * 255, (width, height),
+                                  interpolation=cv2.INTER_NEAREST)
+                path = out / f"{video.stem}_{k + 1}.png"
+                cv2.imwrite(str(path), mask)
+                masks.append(path)
+            window = inputs[start:stop].numpy()
+            rows = [("frame", list(window)),
+                    ("prediction", [mask_overlay(window[t], predicted[t]) for t in range(stop - start)])]
+            if prediction.heat is not None:
+                heat = prediction.heat[0].numpy()
+                low, high = np.percentile(heat, 1), np.percentile(heat, 99)
+                rows.append(("heat map", [heat_overlay(window[t], heat[t], low, high) for t in range(stop - start)]))
+            title = f"{video.name}, seconds {start + 1}-{stop}" + ("" if uses_audio else " (vision-only model)")
+            overlays.append(draw_grid(rows, title, out / f"{video.stem}_overlay_{w}.png"))
+    finally:
+        model.train(was_training)
+    return VideoResult(masks=masks, overlays=overlays, seconds=n, fps=fps, audio_padded=padded, embedder=name)
+
+
+__all__ = ["OverlayResult", "Prediction", "VideoResult", "choose_embedder", "draw_grid", "heat_overlay",
+           "mask_overlay", "predict_with_heat", "sample_video_frames", "segment_video", "write_overlays"]
