@@ -31,8 +31,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avsprep.annotations import FrameAnnotation, find_annotation_files, parse_voc, read_classes_file
-from avsprep.clips import SPLITS, ClipSource, Discovery, FrameSource, SourceOptions
+from avsprep.annotations import FrameAnnotation, find_annotation_files, parse_voc
+from avsprep.clips import SPLITS, ClipSource, Discovery, FrameSource, SourceOptions, given_classes
 from avsprep.crops import CropsConfig, CropsResult, run_crops
 from avsprep.errors import InputError
 
@@ -232,14 +232,8 @@ def discover_avsbench(options: AvsbenchOptions) -> AvsbenchDiscovery:
     if unmatched:
         log.warning("%d label files name no frame of %s (first: %s)", len(unmatched), layout.meta, unmatched[0])
 
-    if options.classes is not None:
-        classes = read_classes_file(options.classes)
-    elif options.yolo is not None:
-        classes_file = Path(options.yolo) / "classes.txt"
-        if not classes_file.is_file():
-            raise InputError(classes_file, "YOLO mode needs classes.txt (or --classes FILE)")
-        classes = read_classes_file(classes_file)
-    else:
+    classes = given_classes(options.classes, options.yolo)
+    if classes is None:
         # Every category of the CSV, not only of the usable clips: the class map must not depend on which clips
         # had problems, so that runs over parts of the data agree on label numbers.
         classes = sorted({row.category for row in rows if row.category} | annotation_names)

@@ -40,6 +40,45 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+def shard_options(command):
+    """The options of the shards a command writes (`crops`, `avsbench`): sizes, embedder, parallelism, errors."""
+    options = [
+        click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Frame and mask side."),
+        click.option("--crop-size", default=224, show_default=True, type=click.IntRange(8), help="Crop side."),
+        click.option("--max-boxes", default=4, show_default=True, type=click.IntRange(1)),
+        click.option("--embedder", default="logmel-stats", show_default=True,
+                     type=click.Choice(["logmel-stats", "vggish"])),
+        click.option("--vggish-weights", type=EXISTING_FILE, help="Local VGGish weights (public PyTorch port layout)."),
+        click.option("--vggish-pca", type=EXISTING_FILE, help="Local VGGish PCA parameters: apply PCA postprocessing."),
+        click.option("--clips-per-shard", default=64, show_default=True, type=click.IntRange(1)),
+        click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Processes."),
+        click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1),
+                     help="Split the work into K parts."),
+        click.option("--part-index", default=0, show_default=True, type=click.IntRange(0),
+                     help="Which part this run writes."),
+        click.option("--on-error", default="error", show_default=True, type=click.Choice(["error", "skip"]),
+                     help="Stop at the first bad clip (exit 2), or skip bad clips and report them."),
+        click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression (default: none)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+
+def echo_crops_result(result, counted_extra: str = "") -> None:
+    """The lines both shard-writing commands print after the summary: the report counts and skipped clips."""
+    counted = {key: value for key, value in result.manifest["report"].items() if value}
+    if counted:
+        click.echo("report: " + ", ".join(f"{key} {value}" for key, value in counted.items()))
+    if counted_extra:
+        click.echo(counted_extra)
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} clips for bad input:")
+        for skip in result.skipped:
+            click.echo(f"  {skip['clip']}: {skip['error']}")
+
+
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
 @click.option("--clips", default=600, show_default=True, type=click.IntRange(1))
@@ -78,26 +117,13 @@ def synth(out, clips, num_classes, size, frames_per_clip, sources, difficulty, s
 @click.option("--clip-pattern", default="<clip>_<k>", show_default=True, help="How frame stems name clip and index.")
 @click.option("--frames-per-clip", default=5, show_default=True, type=click.IntRange(1))
 @click.option("--pad-short-clips", is_flag=True, help="Repeat the last frame of clips with fewer than T frames.")
-@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Frame and mask side.")
-@click.option("--crop-size", default=224, show_default=True, type=click.IntRange(8), help="Crop side.")
-@click.option("--max-boxes", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--embedder", default="logmel-stats", show_default=True, type=click.Choice(["logmel-stats", "vggish"]))
-@click.option("--vggish-weights", type=EXISTING_FILE, help="Local VGGish weights (public PyTorch port layout).")
-@click.option("--vggish-pca", type=EXISTING_FILE, help="Local VGGish PCA parameters: apply PCA postprocessing.")
-@click.option("--clips-per-shard", default=64, show_default=True, type=click.IntRange(1))
 @click.option("--val-fraction", default=0.0, show_default=True, type=float, help="Used when there is no --meta split.")
 @click.option("--test-fraction", default=0.0, show_default=True, type=float)
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the --val/--test-fraction split.")
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Processes.")
-@click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1), help="Split the work into K parts.")
-@click.option("--part-index", default=0, show_default=True, type=click.IntRange(0), help="Which part this run writes.")
-@click.option("--on-error", default="error", show_default=True, type=click.Choice(["error", "skip"]),
-              help="Stop at the first bad clip (exit 2), or skip bad clips and report them.")
-@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression (default: none).")
+@shard_options
 @exits_cleanly_on_bad_input
 def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trust_xml_paths, clip_pattern,
-          frames_per_clip, pad_short_clips, size, crop_size, max_boxes, embedder, vggish_weights, vggish_pca,
-          clips_per_shard, val_fraction, test_fraction, seed, workers, num_parts, part_index, on_error, compression):
+          frames_per_clip, pad_short_clips, val_fraction, test_fraction, seed, **shard_settings):
     """Annotations + frames + masks + audio -> HDF5 shards and manifest.json."""
     from avsprep.clips import SourceOptions
     from avsprep.crops import CropsConfig, run_crops
@@ -106,10 +132,7 @@ def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trus
                             meta=meta, classes=classes, trust_xml_paths=trust_xml_paths, clip_pattern=clip_pattern,
                             frames_per_clip=frames_per_clip, pad_short_clips=pad_short_clips,
                             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed)
-    config = CropsConfig(out=out, size=size, crop_size=crop_size, max_boxes=max_boxes, embedder=embedder,
-                         vggish_weights=vggish_weights, vggish_pca=vggish_pca, clips_per_shard=clips_per_shard,
-                         workers=workers, num_parts=num_parts, part_index=part_index, on_error=on_error,
-                         compression=compression)
+    config = CropsConfig(out=out, **shard_settings)
     bar = ProgressBar("clips")
     try:
         result = run_crops(sources, config, progress=bar)
@@ -118,13 +141,7 @@ def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trus
     manifest = result.manifest
     click.echo(f"{manifest['clips']} clips in {len(manifest['shards'])} shards at {out} "
                f"({result.written} written, {result.reused} already complete); splits {manifest['splits']}")
-    counted = {key: value for key, value in manifest["report"].items() if value}
-    if counted:
-        click.echo("report: " + ", ".join(f"{key} {value}" for key, value in counted.items()))
-    if result.skipped:
-        click.echo(f"skipped {len(result.skipped)} clips for bad input:")
-        for skip in result.skipped:
-            click.echo(f"  {skip['clip']}: {skip['error']}")
+    echo_crops_result(result)
 
 
 @main.command()
@@ -137,33 +154,16 @@ def crops(voc, yolo, images, masks, other_masks, audio, meta, classes, out, trus
 @click.option("--boxes-from-masks", is_flag=True, help="One box per frame: the bounding box of its mask.")
 @click.option("--classes", type=EXISTING_FILE, help="Class list, one name per line (default: the CSV categories).")
 @click.option("--frames-per-clip", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--size", default=224, show_default=True, type=click.IntRange(8), help="Frame and mask side.")
-@click.option("--crop-size", default=224, show_default=True, type=click.IntRange(8), help="Crop side.")
-@click.option("--max-boxes", default=4, show_default=True, type=click.IntRange(1))
-@click.option("--embedder", default="logmel-stats", show_default=True, type=click.Choice(["logmel-stats", "vggish"]))
-@click.option("--vggish-weights", type=EXISTING_FILE, help="Local VGGish weights (public PyTorch port layout).")
-@click.option("--vggish-pca", type=EXISTING_FILE, help="Local VGGish PCA parameters: apply PCA postprocessing.")
-@click.option("--clips-per-shard", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Processes.")
-@click.option("--num-parts", default=1, show_default=True, type=click.IntRange(1), help="Split the work into K parts.")
-@click.option("--part-index", default=0, show_default=True, type=click.IntRange(0), help="Which part this run writes.")
-@click.option("--on-error", default="error", show_default=True, type=click.Choice(["error", "skip"]),
-              help="Stop at the first bad clip (exit 2), or skip bad clips and report them.")
-@click.option("--compression", type=click.Choice(["gzip", "lzf"]), help="HDF5 compression (default: none).")
+@shard_options
 @exits_cleanly_on_bad_input
-def avsbench(root, subset, out, voc, yolo, boxes_from_masks, classes, frames_per_clip, size, crop_size, max_boxes,
-             embedder, vggish_weights, vggish_pca, clips_per_shard, workers, num_parts, part_index, on_error,
-             compression):
+def avsbench(root, subset, out, voc, yolo, boxes_from_masks, classes, frames_per_clip, **shard_settings):
     """AVSBench S4 / MS3 folders (metadata CSV, visual_frames, gt_masks, audio_wav) -> HDF5 shards."""
     from avsprep.avsbench import AvsbenchOptions, run_avsbench
     from avsprep.crops import CropsConfig
 
     options = AvsbenchOptions(root=root, subset=subset, voc=voc, yolo=yolo, boxes_from_masks=boxes_from_masks,
                               classes=classes, frames_per_clip=frames_per_clip)
-    config = CropsConfig(out=out, size=size, crop_size=crop_size, max_boxes=max_boxes, embedder=embedder,
-                         vggish_weights=vggish_weights, vggish_pca=vggish_pca, clips_per_shard=clips_per_shard,
-                         workers=workers, num_parts=num_parts, part_index=part_index, on_error=on_error,
-                         compression=compression)
+    config = CropsConfig(out=out, **shard_settings)
     bar = ProgressBar("clips")
     try:
         result = run_avsbench(options, config, progress=bar)
@@ -173,16 +173,9 @@ def avsbench(root, subset, out, voc, yolo, boxes_from_masks, classes, frames_per
     click.echo(f"AVSBench {subset.upper()} from {result.layout.meta.parent}: {manifest['clips']} clips in "
                f"{len(manifest['shards'])} shards at {out} ({result.crops.written} written, "
                f"{result.crops.reused} already complete); splits {manifest['splits']}")
-    counted = {key: value for key, value in manifest["report"].items() if value}
-    if counted:
-        click.echo("report: " + ", ".join(f"{key} {value}" for key, value in counted.items()))
-    if result.unmatched_annotations:
-        click.echo(f"{len(result.unmatched_annotations)} label files name no frame of the CSV's clips "
-                   f"(first: {result.unmatched_annotations[0]})")
-    if result.crops.skipped:
-        click.echo(f"skipped {len(result.crops.skipped)} clips for bad input:")
-        for skip in result.crops.skipped:
-            click.echo(f"  {skip['clip']}: {skip['error']}")
+    unmatched = result.unmatched_annotations
+    echo_crops_result(result.crops, f"{len(unmatched)} label files name no frame of the CSV's clips "
+                                    f"(first: {unmatched[0]})" if unmatched else "")
 
 
 @main.command()

@@ -164,6 +164,18 @@ def _frame_key(stem: str, regex: re.Pattern, frames_per_clip: int) -> tuple[str,
     return (match["clip"], int(match["k"])) if match else None
 
 
+def given_classes(classes_file: Path | None, yolo: Path | None) -> list[str] | None:
+    """The class list the user fixed: `--classes FILE`, else a YOLO folder's classes.txt; None when neither."""
+    if classes_file is not None:
+        return read_classes_file(classes_file)
+    if yolo is not None:
+        yolo_classes = Path(yolo) / "classes.txt"
+        if not yolo_classes.is_file():
+            raise InputError(yolo_classes, "YOLO mode needs classes.txt (or --classes FILE)")
+        return read_classes_file(yolo_classes)
+    return None
+
+
 def _parse_voc_or_error(path: Path) -> FrameAnnotation | InputError:
     try:
         return parse_voc(path)
@@ -253,16 +265,7 @@ def discover(options: SourceOptions) -> Discovery:
                 problem((clip_of(annotation.stem) or (annotation.stem,))[0],
                         InputError(annotation.source, f"frame {filename!r} not found under {options.images}"))
 
-    # Class map.
-    if options.classes is not None:
-        classes = read_classes_file(options.classes)
-    elif options.yolo is not None:
-        classes_file = Path(options.yolo) / "classes.txt"
-        if not classes_file.is_file():
-            raise InputError(classes_file, "YOLO mode needs classes.txt (or --classes FILE)")
-        classes = read_classes_file(classes_file)
-    else:
-        classes = None  # sorted over annotations and metadata below
+    classes = given_classes(options.classes, options.yolo)  # None: sorted over annotations and metadata below
 
     meta = read_meta(options.meta) if options.meta else {}
 
