@@ -5,6 +5,10 @@ Both are measured in this run on the same synthetic clips (generated once into d
 whole command (process start, imports, XML, audio, crops, HDF5 writes, manifest) as a user runs it.
 Target: crops <= 1.5x the floor.
 
+Then, to show what bounds the ratio, a profile of the work per clip in one process over the first 200 clips:
+the floor's decode, and each stage `crops` adds on top (audio, crop + resize, sha256 of the output arrays as
+DESIGN §4 requires, the HDF5 write of those arrays), each timed alone with the library's own functions.
+
     .venv/bin/python tools/bench_prep.py [--clips 1000] [--size 224]
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ import time
 from pathlib import Path
 
 import cv2
+import numpy as np
 
 TARGET = 1.5
 
@@ -50,6 +55,54 @@ def crops_seconds(data: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - start
 
 
+def stage_profile(data: Path, clips: int = 200) -> dict[str, float]:
+    """Milliseconds per clip of each stage of `crops`, in this process, one thread (as each worker runs)."""
+    import tempfile
+
+    import h5py
+    from threadpoolctl import threadpool_limits
+
+    from avsprep import audio as audio_lib
+    from avsprep.clips import SourceOptions, discover
+    from avsprep.crops import CropsConfig, ClipBuilder, read_image, read_mask
+    from avsprep.shards import dataset_checksum
+
+    cv2.setNumThreads(1)
+    threadpool_limits(1)
+    sources = SourceOptions(voc=data / "labels", images=data / "visual_frames", masks=data / "gt_masks",
+                            other_masks=data / "other_masks", audio=data / "audio_wav", meta=data / "meta.csv")
+    start = time.perf_counter()
+    found = discover(sources)
+    seconds = {"find and parse inputs (all clips, serial)": (time.perf_counter() - start) * 1000 / len(found.clips)}
+    chosen = found.clips[:clips]
+    builder = ClipBuilder(CropsConfig(out=Path("unused")), found.classes, sources.frames_per_clip, True)
+
+    def timed(name, work):
+        start = time.perf_counter()
+        for clip in chosen:
+            work(clip)
+        seconds[name] = (time.perf_counter() - start) * 1000 / len(chosen)
+
+    timed("decode frames + masks (the floor's work)", lambda clip: [
+        (read_image(f.image), read_mask(f.mask), read_mask(f.other_mask)) for f in clip.frames])
+    timed("audio: read WAV, log-mel, embed", lambda clip: builder.embedder.embed(
+        audio_lib.clip_examples(clip.audio, sources.frames_per_clip)[0]))
+    records = []
+    timed("whole clip (ClipBuilder.build)", lambda clip: records.append(builder.build(clip)))
+    arrays = {key: np.stack([getattr(r, key) for r in records]) for key in ("frames", "masks", "other_masks", "crops")}
+    start = time.perf_counter()
+    for values in arrays.values():
+        dataset_checksum(values)
+    seconds["sha256 of the output arrays (DESIGN §4)"] = (time.perf_counter() - start) * 1000 / len(records)
+    with tempfile.TemporaryDirectory(dir=data.parent) as folder:
+        start = time.perf_counter()
+        with h5py.File(Path(folder) / "x.h5", "w") as handle:
+            for key, values in arrays.items():
+                handle.create_dataset(key, data=values, chunks=(1, *values.shape[1:]))
+        seconds["HDF5 write of the output arrays"] = (time.perf_counter() - start) * 1000 / len(records)
+    return seconds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=1000)
@@ -75,6 +128,15 @@ def main() -> None:
     print(f"{'avsprep crops (whole command)':44s} {crops:8.2f} {args.clips / crops:8.1f}")
     print(f"crops / floor = {ratio:.2f}x (target <= {TARGET}x): {'met' if ratio <= TARGET else 'MISSED'}")
     shutil.rmtree(out, ignore_errors=True)
+
+    profile = stage_profile(data)
+    decode = profile["decode frames + masks (the floor's work)"]
+    print(f"\nwork per clip, one process, first 200 clips ({'ms/clip':>8s} and x the decode):")
+    for name, ms in profile.items():
+        print(f"  {name:52s} {ms:8.2f} {ms / decode:6.2f}x")
+    required = (profile["whole clip (ClipBuilder.build)"] + profile["sha256 of the output arrays (DESIGN §4)"]
+                + profile["HDF5 write of the output arrays"])
+    print(f"  {'build + sha256 + write, the least a shard costs':52s} {required:8.2f} {required / decode:6.2f}x")
     sys.exit(0 if ratio <= TARGET else 1)
 
 
