@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import soundfile
 
@@ -87,3 +89,15 @@ def crops_args(dirs: dict[str, Path], out: Path, frames_per_clip: int = 3, size:
     return ["crops", "--voc", str(dirs["labels"]), "--images", str(dirs["frames"]), "--masks", str(dirs["masks"]),
             "--audio", str(dirs["audio"]), "--meta", str(dirs["meta"]), "--out", str(out),
             "--frames-per-clip", str(frames_per_clip), "--size", str(size), "--crop-size", "24", "--clips-per-shard", "2"]
+
+
+def read_all(shards_dir):
+    """Every dataset of every shard, concatenated in manifest order."""
+    manifest = json.loads((shards_dir / "manifest.json").read_text())
+    arrays = {}
+    for entry in manifest["shards"]:
+        with h5py.File(shards_dir / entry["file"]) as handle:
+            for key in handle:
+                values = handle[key].asstr()[()] if key in ("name", "split") else handle[key][()]
+                arrays.setdefault(key, []).append(values)
+    return manifest, {key: np.concatenate(parts) for key, parts in arrays.items()}

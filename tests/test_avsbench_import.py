@@ -3,7 +3,6 @@ import csv
 import json
 
 import cv2
-import h5py
 import numpy as np
 import pytest
 import soundfile
@@ -12,7 +11,7 @@ from PIL import Image
 
 from avsprep import audio as audio_lib
 from avsprep.cli import main
-from helpers import tone, write_voc
+from helpers import read_all, tone, write_voc
 
 T, W, H = 5, 48, 40  # AVSBench frames are square; these are not, so that box scaling is checked
 SIZE, CROP = 32, 16
@@ -106,17 +105,6 @@ def make_avsbench(top, subset: str) -> dict:
         writer.writerow(["name", "start_time", "category", "split"] if s4 else ["video_id", "split"])
         writer.writerows(rows)
     return truth
-
-
-def read_all(shards_dir):
-    manifest = json.loads((shards_dir / "manifest.json").read_text())
-    arrays = {}
-    for entry in manifest["shards"]:
-        with h5py.File(shards_dir / entry["file"]) as handle:
-            for key in handle:
-                values = handle[key].asstr()[()] if key in ("name", "split") else handle[key][()]
-                arrays.setdefault(key, []).append(values)
-    return manifest, {key: np.concatenate(parts) for key, parts in arrays.items()}
 
 
 def _area(image, size):

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from avsprep import audio as audio_lib
 from avsprep.cli import main
 from avsprep.crops import crop_and_resize
-from helpers import crops_args, make_dataset, write_voc
+from helpers import crops_args, make_dataset, read_all, write_voc
 
 
 def run(args):
@@ -27,18 +27,6 @@ def run(args):
 @pytest.fixture()
 def dataset(tmp_path):
     return make_dataset(tmp_path / "data")
-
-
-def read_all(shards_dir):
-    """Every dataset of every shard, concatenated in manifest order."""
-    manifest = json.loads((shards_dir / "manifest.json").read_text())
-    arrays = {}
-    for entry in manifest["shards"]:
-        with h5py.File(shards_dir / entry["file"]) as handle:
-            for key in handle:
-                values = handle[key].asstr()[()] if key in ("name", "split") else handle[key][()]
-                arrays.setdefault(key, []).append(values)
-    return manifest, {key: np.concatenate(parts) for key, parts in arrays.items()}
 
 
 def test_crops_then_inspect_verify(dataset, tmp_path):
