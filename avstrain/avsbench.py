@@ -1,7 +1,7 @@
 """Released AVSBench checkpoints (S4_best.pth, MS3_best.pth): build the model they fit, load them, convert them.
 
 The official files are bare state dicts of the reference model (``model.module.state_dict()``) in the key layout of
-``shared/reference/avsbench_resnet50_keys.tsv``. They load with ``torch.load(..., weights_only=True)`` and map onto
+``tests/data/reference/avsbench_resnet50_keys.tsv``. They load with ``torch.load(..., weights_only=True)`` and map onto
 ``AVSModel`` through ``load_avsbench_checkpoint``. The architecture comes from a config
 (``configs/avsbench-s4-r50.toml`` or ``-ms3-``): ResNet-50, C = 256, TPAVI at the stages the checkpoint has.
 Backbone ImageNet weights are never read here (``model.backbone_weights`` is ignored): every backbone tensor comes

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import soundfile
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 
 VOC = """<annotation>
 \t<folder>frames</folder>

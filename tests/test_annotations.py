@@ -1,4 +1,4 @@
-"""labelImg parsers against labelImg's own output (shared/reference/labelimg) and at their edges."""
+"""labelImg parsers against labelImg's own output (tests/data/reference/labelimg) and at their edges."""
 import json
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 from avsprep.annotations import Box, clip_box, parse_voc, parse_yolo, read_classes_file
 from avsprep.errors import InputError
 
-LABELIMG = Path(__file__).resolve().parents[2] / "shared" / "reference" / "labelimg"
+LABELIMG = Path(__file__).resolve().parent / "data" / "reference" / "labelimg"
 EXPECTED = json.loads((LABELIMG / "expected.json").read_text(encoding="utf-8"))
 
 

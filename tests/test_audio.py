@@ -30,7 +30,7 @@ from avsprep.errors import InputError
 
 log = logging.getLogger(__name__)
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE = Path(__file__).resolve().parent / "data" / "reference"
 SIGNALS = ("chirp", "tones", "noise", "silence", "square")
 
 # Documented in avsprep/audio.py: measured max 0.193, mean <= 0.005 on these signals.

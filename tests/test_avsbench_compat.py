@@ -11,13 +11,13 @@ import torch
 from avstrain.config import ModelConfig
 from avstrain.models import AVSBenchCheckpointError, build_model, load_avsbench_checkpoint, map_avsbench_key
 
-REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parent / "data" / "reference"
 GOLDEN_ATOL = 1e-5
 
 
 def _reference(name: str) -> Path:
     path = REFERENCE_DIR / name
-    assert path.is_file(), f"reference data {path} is missing (expected ../shared/reference beside the clone)"
+    assert path.is_file(), f"reference data {path} is missing (expected in tests/data/reference)"
     return path
 
 

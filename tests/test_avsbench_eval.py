@@ -1,6 +1,6 @@
 """Released AVSBench checkpoints: `avstrain eval --format avsbench`, tools/convert_avsbench_checkpoint.py, and the
 AVSBench configs. The checkpoint is a random-weight model saved in the official key layout
-(shared/reference/avsbench_resnet50_keys.tsv); the shards come from a miniature AVSBench download."""
+(tests/data/reference/avsbench_resnet50_keys.tsv); the shards come from a miniature AVSBench download."""
 import importlib.util
 import json
 from pathlib import Path

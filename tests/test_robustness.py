@@ -1,7 +1,7 @@
 """Hostile and broken inputs, crashes and resumes (issue 8), through the public interface, on real files.
 
 Each input ends in a clear outcome: a result, a counted skip, or one line naming the file with exit code 2
-(1 for a failed `--verify`). Cases already tested elsewhere are listed in /tmp/readme/robustness.md, not repeated.
+(1 for a failed `--verify`). Cases already tested elsewhere are listed in the README's "Robustness" table, not repeated.
 """
 import json
 import os

@@ -27,7 +27,7 @@ from avsprep.synth import (
 
 T = 5
 META_COLUMNS = ["name", "category", "split", "other_category", "sounding_categories"]
-LABELIMG_REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "labelimg"
+LABELIMG_REFERENCE = Path(__file__).resolve().parent / "data" / "reference" / "labelimg"
 SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
 
 

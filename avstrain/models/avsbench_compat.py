@@ -1,6 +1,6 @@
 """Load the official AVSBench ResNet-50 TPAVI checkpoints (S4 / MS3) into ``AVSModel``.
 
-The key layout is the one in ``shared/reference/avsbench_resnet50_keys.tsv``. The checkpoint holds two copies of
+The key layout is the one in ``tests/data/reference/avsbench_resnet50_keys.tsv``. The checkpoint holds two copies of
 ResNet layers 3 and 4; the forward pass uses ``layer3_1``/``layer4_1``, the ``_2`` copies are ignored.
 """
 
