@@ -227,3 +227,60 @@ class FPRMeter:
 
 __all__ = ["mask_iou", "f_measure", "f_measure_avsbench", "fpr", "ndcg", "frame_ious", "frame_f_curves",
            "SegmentationMeter", "FPRMeter"]
+
+
+# --- Semantic segmentation (AVSS, docs/design.md §14) ------------------------------------------------------------
+
+SEMANTIC_EPS = 2.220446049250313e-16  # the reference's IoU epsilon (numpy's float64 machine epsilon)
+
+
+class SemanticMeter:
+    """The official AVSS metric, streaming: per-frame, per-class IoU and F accumulated over the frames where the class
+    is in the union of prediction and target, then the mean over **all** K classes, background included (a class that
+    never occurs counts 0), as `avs_scripts/avss/utils/compute_color_metrics.py` with `test.py` computes it.
+
+    Per frame and class c: I = |pred=c ∧ gt=c|, P = |pred=c|, G = |gt=c|, U = P + G − I; IoU = I / (U + ε);
+    F = (1 + β²)·prec·rec / (β²·prec + rec) with prec = I/P, rec = I/G, NaN → 0; count_c += 1 where U > 0.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.reset()
+
+    def reset(self) -> None:
+        self.iou_sum = torch.zeros(self.num_classes, dtype=torch.float64)
+        self.f_sum = torch.zeros(self.num_classes, dtype=torch.float64)
+        self.count = torch.zeros(self.num_classes, dtype=torch.float64)
+
+    def update(self, logits: Tensor, target: Tensor) -> None:
+        """logits [N,K,H,W] (or class indices [N,H,W] of a prediction already made); target [N,H,W] class indices."""
+        pred = logits.argmax(1) if logits.dim() == 4 else logits
+        pred, target = pred.flatten(1).long(), target.flatten(1).long().to(pred.device)  # [N, H·W]
+        classes = torch.arange(self.num_classes, device=pred.device)[None, :, None]  # [1, K, 1]
+        p_hit, g_hit = pred[:, None] == classes, target[:, None] == classes  # [N, K, H·W]
+        inter = (p_hit & g_hit).sum(-1).double().cpu()  # [N, K]
+        p_count, g_count = p_hit.sum(-1).double().cpu(), g_hit.sum(-1).double().cpu()
+        union = p_count + g_count - inter
+        iou = inter / (union + SEMANTIC_EPS)
+        precision, recall = inter / p_count, inter / g_count  # 0/0 = NaN where the class is absent: F → 0 below
+        f = (1 + BETA2) * precision * recall / (BETA2 * precision + recall)
+        self.iou_sum += iou.sum(0)
+        self.f_sum += torch.nan_to_num(f, nan=0.0).sum(0)
+        self.count += (union > 0).double().sum(0)
+
+    def per_class(self) -> tuple[Tensor, Tensor]:
+        """(IoU [K], F [K]) per class: Σ over frames / frames where the class occurred; 0 for a class never seen."""
+        iou = torch.nan_to_num(self.iou_sum / self.count, nan=0.0)
+        f = torch.nan_to_num(self.f_sum / self.count, nan=0.0)
+        return iou, f
+
+    def compute(self) -> dict[str, float]:
+        iou, f = self.per_class()
+        return {"miou": float(iou.mean()), "f": float(f.mean())}
+
+
+def semantic_scores(logits: Tensor, target: Tensor) -> dict[str, float]:
+    """The official AVSS mIoU and F of one set of frames: logits [N,K,H,W], target [N,H,W] class indices."""
+    meter = SemanticMeter(logits.shape[1])
+    meter.update(logits, target)
+    return meter.compute()
