@@ -284,3 +284,76 @@ def semantic_scores(logits: Tensor, target: Tensor) -> dict[str, float]:
     meter = SemanticMeter(logits.shape[1])
     meter.update(logits, target)
     return meter.compute()
+
+
+# --- Sound-source localisation (docs/design.md §13) --------------------------------------------------------------
+
+CIOU_SUCCESS = 0.5
+AUC_THRESHOLDS = tuple(0.05 * i for i in range(21))
+
+
+def upsample_heatmaps(heatmaps: Tensor, size: tuple[int, int]) -> Tensor:
+    """[N,h,w] → [N,H,W] float32, bilinear (align_corners False), as the field's evaluators resize heat maps."""
+    maps = heatmaps.float()[:, None]
+    if tuple(maps.shape[-2:]) != tuple(size):
+        maps = torch.nn.functional.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return maps[:, 0]
+
+
+def _top_half(maps: Tensor) -> Tensor:
+    """Min-max normalise each map and keep the pixels ≥ the value at sorted position int(H·W/2): [N,H,W] → {0,1}.
+
+    A constant map normalises to zeros, every pixel equals the threshold, so it predicts the whole frame.
+    """
+    flat = maps.flatten(1)
+    low, high = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    normalised = (flat - low) / torch.where(high > low, high - low, torch.ones_like(high))
+    threshold = normalised.sort(1).values[:, flat.shape[1] // 2, None]
+    return (normalised >= threshold).float().reshape(maps.shape)
+
+
+def ciou_per_sample(heatmaps: Tensor, gt_maps: Tensor) -> Tensor:
+    """cIoU of each sample [N]: Σ(pred·gt) / (Σgt + Σ pred·[gt = 0]), pred = the top half of the upsampled map,
+    gt soft in [0, 1] (e.g. min(Σ boxes / 2, 1)) or binary."""
+    gt = gt_maps.float()
+    pred = _top_half(upsample_heatmaps(heatmaps, tuple(gt.shape[-2:])))
+    inter = (pred * gt).flatten(1).sum(1)
+    return inter / (gt.flatten(1).sum(1) + (pred * (gt == 0)).flatten(1).sum(1))
+
+
+def localisation_scores(heatmaps: Tensor, gt_maps: Tensor) -> dict[str, float]:
+    """The field's shared localisation evaluator (LVS, EZ-VSL, SLAVC): heat maps [N,h,w], ground truth [N,H,W].
+
+    "ciou": fraction of samples with cIoU ≥ 0.5; "auc": area under that success rate over thresholds 0, 0.05, …, 1
+    (`sklearn.metrics.auc`); "mean_ciou": the mean cIoU.
+    """
+    from sklearn.metrics import auc
+
+    cious = ciou_per_sample(heatmaps, gt_maps).double()
+    success = [float((cious >= t).double().mean()) for t in AUC_THRESHOLDS]
+    return {"ciou": float((cious >= CIOU_SUCCESS).double().mean()), "auc": float(auc(AUC_THRESHOLDS, success)),
+            "mean_ciou": float(cious.mean())}
+
+
+def pointing_hits(heatmaps: Tensor, gt_maps: Tensor) -> Tensor:
+    """Pointing game per sample [N] bool, read on the heat map's own grid: the centre of its maximal cell (first one
+    on ties), mapped to the ground truth's resolution, lies inside the object (gt > 0). heatmaps [N,h,w], gt [N,H,W]."""
+    n, h, w = heatmaps.shape
+    height, width = gt_maps.shape[-2:]
+    cell = heatmaps.flatten(1).float().argmax(1)  # [N]
+    rows = ((cell // w).double() + 0.5) * height / h
+    cols = ((cell % w).double() + 0.5) * width / w
+    rows, cols = rows.long().clamp(0, height - 1), cols.long().clamp(0, width - 1)
+    return gt_maps[torch.arange(n), rows, cols] > 0
+
+
+def pixel_average_precision(heatmaps: Tensor, gt_maps: Tensor) -> float:
+    """Average precision (`sklearn.metrics.average_precision_score`) of the upsampled heat maps' pixels against the
+    object pixels (gt > 0) over all samples: size-independent, unlike the top-half rule."""
+    from sklearn.metrics import average_precision_score
+
+    maps = upsample_heatmaps(heatmaps, tuple(gt_maps.shape[-2:]))
+    labels = (gt_maps > 0).flatten().numpy()
+    if not labels.any():
+        return float("nan")
+    return float(average_precision_score(labels, maps.flatten().double().numpy()))
