@@ -69,6 +69,11 @@ def _xml_parser() -> etree.XMLParser:
     )
 
 
+def round_edge(value: float) -> int:
+    """A float pixel-edge coordinate rounded to the nearest integer (halves up), as every reader rounds them."""
+    return math.floor(value + 0.5)
+
+
 def _round_coordinate(path: Path, tag: str, text: str | None) -> int:
     try:
         value = float((text or "").strip())
@@ -76,7 +81,7 @@ def _round_coordinate(path: Path, tag: str, text: str | None) -> int:
         raise InputError(path, f"<{tag}> is not a number: {text!r}") from None
     if not math.isfinite(value):
         raise InputError(path, f"<{tag}> is not finite: {text!r}")
-    return math.floor(value + 0.5)
+    return round_edge(value)
 
 
 def _child_text(path: Path, element: etree._Element, tag: str) -> str:
@@ -86,7 +91,7 @@ def _child_text(path: Path, element: etree._Element, tag: str) -> str:
     return child.text.strip()
 
 
-def _checked_box(path: Path, name: str, xmin: int, ymin: int, xmax: int, ymax: int, difficult: bool) -> Box:
+def checked_box(path: Path, name: str, xmin: int, ymin: int, xmax: int, ymax: int, difficult: bool) -> Box:
     if xmin > xmax or ymin > ymax:
         raise InputError(path, f"inverted box for {name!r}: ({xmin}, {ymin}, {xmax}, {ymax})")
     if xmin == xmax or ymin == ymax:
@@ -122,7 +127,7 @@ def parse_voc(path: Path) -> FrameAnnotation:
             _round_coordinate(path, tag, _child_text(path, bndbox, tag)) for tag in ("xmin", "ymin", "xmax", "ymax")
         )
         difficult = (obj.findtext("difficult") or "0").strip() not in ("0", "", "false", "False")
-        boxes.append(_checked_box(path, name, xmin, ymin, xmax, ymax, difficult))
+        boxes.append(checked_box(path, name, xmin, ymin, xmax, ymax, difficult))
     xml_path = root.findtext("path")
     return FrameAnnotation(path, filename, width, height, boxes, xml_path.strip() if xml_path else None)
 
@@ -152,7 +157,7 @@ def parse_yolo(path: Path, class_names: list[str], image_filename: str, width: i
         xmax = math.floor((cx + w / 2) * width + 0.5)
         ymin = math.floor((cy - h / 2) * height + 0.5)
         ymax = math.floor((cy + h / 2) * height + 0.5)
-        boxes.append(_checked_box(path, class_names[class_index], xmin, ymin, xmax, ymax, False))
+        boxes.append(checked_box(path, class_names[class_index], xmin, ymin, xmax, ymax, False))
     return FrameAnnotation(path, image_filename, None, None, boxes, None)
 
 
