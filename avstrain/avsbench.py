@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from avsprep.errors import InputError
-from avstrain.config import Config, config_to_dict
+from avstrain.checkpoint import CHECKPOINT_FORMAT, make_checkpoint, metadata, read_state_dict_file, save_atomic
+from avstrain.config import Config
 from avstrain.models import AVSBenchCheckpointError, build_model, load_avsbench_checkpoint
-from avstrain.train import CHECKPOINT_FORMAT, save_atomic
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,7 @@ def avsbench_config(config: Config) -> Config:
 
 def read_avsbench_state(path: str | Path) -> dict[str, torch.Tensor]:
     """The state dict in a released checkpoint file (weights-only load). InputError if it is not one."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for files that are not checkpoints
-        raise InputError(path, f"not a loadable checkpoint ({(str(error).splitlines() or [type(error).__name__])[0][:200]})") from None
+    state = read_state_dict_file(path)
     if not isinstance(state, dict):
         raise InputError(path, f"holds a {type(state).__name__}, not a state dict")
     if state.get("format") == CHECKPOINT_FORMAT:
@@ -49,7 +43,9 @@ def load_avsbench_model(path: str | Path, config: Config) -> tuple[torch.nn.Modu
     """Build the model of `config` (see `avsbench_config`) and load a released AVSBench checkpoint into it.
 
     Returns the model (in eval mode, on the CPU) and the config it was built from. A checkpoint that does not fit
-    (another backbone, width or set of TPAVI stages) is an InputError naming the file and the keys.
+    (another backbone, width or set of TPAVI stages) is an InputError naming the file and the keys. To run it with
+    the config's device, precision and memory format, use `avstrain.runtime.load_for_inference(path,
+    checkpoint_format="avsbench", config=config)`.
     """
     config = avsbench_config(config)
     state = read_avsbench_state(path)
@@ -69,9 +65,6 @@ def convert_avsbench_checkpoint(source: str | Path, target: str | Path, config: 
     model, config = load_avsbench_model(source, config)
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    state = {
-        "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config_to_dict(config), "classes": [],
-        "epoch": 0, "step": 0, "best_miou": -1.0, "converted_from": f"AVSBench checkpoint {Path(source).name}",
-    }
+    state = make_checkpoint(model, config, classes=[], converted_from=f"AVSBench checkpoint {Path(source).name}")
     save_atomic(state, target)
-    return {key: value for key, value in state.items() if key != "model"}
+    return metadata(state)

@@ -1,27 +1,28 @@
-"""`avstrain`: train, evaluate. The command line parses arguments and calls the library."""
+"""`avstrain`: train, evaluate, predict. The command line parses arguments and calls the library.
+
+Bad input or a bad config from any command ends in one line and exit code 2 (`avsprep.cli_support.CommandGroup`).
+torch is imported inside the commands, so `avstrain --help` starts at once.
+"""
 from __future__ import annotations
 
 import json
-import logging
 import os
-import sys
 from pathlib import Path
 
 import click
 
-from avsprep.errors import exits_cleanly
+from avsprep.cli_support import command_group, configure_logging, progress
+from avsprep.errors import InputError
 from avstrain.config import ConfigError
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False, path_type=Path)
 EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
-exits_cleanly_on_bad_input = exits_cleanly("avstrain", ConfigError)
 
 
-@click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@command_group("avstrain", ConfigError)
 def main(verbose: bool) -> None:
     """Train and evaluate the AVSBench TPAVI model on avsprep shards."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
 
 
 @main.command()
@@ -31,23 +32,16 @@ def main(verbose: bool) -> None:
 @click.option("--runs", default=Path("runs"), type=click.Path(file_okay=False, path_type=Path), show_default=True)
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config field.")
 @click.option("--resume", is_flag=True, help="Continue from runs/<name>/last.pt exactly where it stopped.")
-@exits_cleanly_on_bad_input
 def train(config_path, shards, name, runs, overrides, resume):
-    """Train the TPAVI model; writes config.toml, steps.jsonl, metrics.jsonl, last.pt, best.pt."""
+    """Train the model; writes config.toml, steps.jsonl, metrics.jsonl, last.pt, best.pt."""
     from avstrain.config import load_config
     from avstrain.train import train as run_training
 
     config = load_config(config_path, list(overrides))
     run_dir = runs / (name or (config_path.stem if config_path else "default"))
     show = os.environ.get("RANK", "0") == "0"  # under torchrun, one progress bar: rank 0's
-    bar = click.progressbar(length=1, label=f"training {run_dir.name}", file=sys.stderr if show else open(os.devnull, "w"))
-
-    def progress(done: int, total: int) -> None:
-        bar.length = total
-        bar.update(done - bar.pos)
-
-    with bar:
-        result = run_training(config, shards, run_dir, resume=resume, progress=progress)
+    with progress(f"training {run_dir.name}", show=show) as advance:
+        result = run_training(config, shards, run_dir, resume=resume, progress=advance)
     if show:
         best = f"best val mIoU {result['best_miou']:.4f}" if result["best_miou"] >= 0 else "not validated yet"
         click.echo(f"{result['steps']} steps; {best}; run folder {run_dir}")
@@ -57,7 +51,8 @@ def train(config_path, shards, name, runs, overrides, resume):
 @click.option("--checkpoint", required=True, type=EXISTING_FILE)
 @click.option("--shards", required=True, type=EXISTING_DIR)
 @click.option("--split", default="test", show_default=True)
-@click.option("--suite", type=click.Choice(["reliance"]), help="The audio-reliance suite (true, swap, silence, noise, off-screen).")
+@click.option("--suite", help="An evaluation suite of the model's kind besides the default one (tpavi: reliance, "
+                               "the audio-reliance suite: true, swap, silence, noise, off-screen).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON output (default: eval-<split>.json or reliance.json beside the checkpoint; "
                    "with --format avsbench prefixed by the checkpoint's stem).")
@@ -69,32 +64,26 @@ def train(config_path, shards, name, runs, overrides, resume):
 @click.option("--config", "config_path", type=EXISTING_FILE, help="With --format avsbench: the model's config.")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE",
               help="With --format avsbench: override a config field.")
-@exits_cleanly_on_bad_input
 def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpoint_format, config_path, overrides):
-    """mIoU, F and F_avsbench overall and per class, or the reliance suite; JSON plus a table."""
-    import torch
+    """mIoU, F and F_avsbench overall and per class, or another suite (reliance); JSON plus a table."""
+    from avstrain.config import load_config
+    from avstrain.evaluate import format_table
+    from avstrain.models import get_kind
+    from avstrain.runtime import load_for_inference
 
-    from avstrain.evaluate import evaluate as run_evaluation, format_table, reliance_suite
-    from avstrain.train import load_checkpoint, model_from_checkpoint, resolve_amp
-
-    if checkpoint_format == "avsbench":
-        from avstrain.avsbench import load_avsbench_model
-        from avstrain.config import load_config
-
-        model, config = load_avsbench_model(checkpoint, load_config(config_path, list(overrides)))
-    elif config_path or overrides:
+    if checkpoint_format != "avsbench" and (config_path or overrides):
         raise ConfigError("--config and --set apply to --format avsbench; a trained checkpoint holds its config")
-    else:
-        model, config = model_from_checkpoint(load_checkpoint(checkpoint))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
-    amp_dtype = resolve_amp(config.train.amp, device)
-    run = reliance_suite if suite == "reliance" else run_evaluation
-    results = run(model, shards, split, device, amp_dtype, batch_size=batch_size, num_workers=workers)
+    config = load_config(config_path, list(overrides)) if checkpoint_format == "avsbench" else None
+    model, config, runtime = load_for_inference(checkpoint, checkpoint_format=checkpoint_format, config=config)
+    suites = get_kind(config.model.kind).suites()
+    if (suite or "default") not in suites:
+        raise ConfigError(f"--suite {suite}: model kind {config.model.kind!r} has the suites {', '.join(suites)}")
+    results = suites[suite or "default"](model, shards, split, runtime.device, runtime.amp_dtype,
+                                         batch_size=batch_size, num_workers=workers)
     if out is None:
         # Released checkpoints share a folder (S4_best.pth, MS3_best.pth): name the output after the file.
         prefix = f"{checkpoint.stem}-" if checkpoint_format == "avsbench" else ""
-        out = checkpoint.parent / (prefix + ("reliance.json" if suite else f"eval-{split}.json"))
+        out = checkpoint.parent / (prefix + (f"{suite}.json" if suite else f"eval-{split}.json"))
     out.write_text(json.dumps(results, indent=1) + "\n")
     click.echo(format_table(results))
     click.echo(f"wrote {out}")
@@ -115,47 +104,49 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpo
                                                                 "(default: the training shards' T, else 5).")
 @click.option("--vggish-weights", type=EXISTING_FILE, help="With --video: for a checkpoint trained on VGGish audio.")
 @click.option("--vggish-pca", type=EXISTING_FILE, help="With --video: VGGish PCA parameters, if the shards used them.")
-@exits_cleanly_on_bad_input
 def predict(checkpoint, shards, video, audio, out, split, batch_size, overlays, frames_per_clip, vggish_weights,
             vggish_pca):
     """Masks for every clip in the AVSBench layout (<split>/<category>/<clip>/<clip>_<k>.png), or for a video."""
-    import torch
-
-    from avsprep.errors import InputError
-    from avsprep.shards import read_manifest
-    from avstrain.predict import write_predictions
-    from avstrain.train import load_checkpoint, model_from_checkpoint, resolve_amp
+    from avstrain.runtime import load_for_inference
 
     if (shards is None) == (video is None):
         raise InputError(None, "give exactly one of --shards DIR and --video FILE")
     if video is None and (audio or vggish_weights or vggish_pca or frames_per_clip):
         raise InputError(None, "--audio, --vggish-weights, --vggish-pca and --frames-per-clip go with --video")
-    state = load_checkpoint(checkpoint)
-    model, config = model_from_checkpoint(state)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    amp_dtype = resolve_amp(config.train.amp, device)
+    model, config, runtime = load_for_inference(checkpoint)
     if video is not None:
-        from avstrain.visualise import choose_embedder, segment_video
+        _predict_video(model, config, runtime, checkpoint, video, audio, out, frames_per_clip, vggish_weights,
+                       vggish_pca)
+    else:
+        _predict_shards(model, runtime, shards, out, split, batch_size, overlays)
 
-        uses_audio = config.model.audio
-        embedder = choose_embedder(state, checkpoint, vggish_weights, vggish_pca) if uses_audio else None
-        result = segment_video(model, video, audio, out, embedder,
-                               frames_per_clip or state.get("frames_per_clip") or 5, device=device,
-                               amp_dtype=amp_dtype)
-        click.echo(f"{video}: {result.seconds} frames at 1 per second ({result.fps:g} fps video), audio through "
-                   f"{result.embedder}; wrote {len(result.masks)} masks and {len(result.overlays)} overlay grids "
-                   f"to {out}")
-        return
+
+def _predict_video(model, config, runtime, checkpoint, video, audio, out, frames_per_clip, vggish_weights,
+                   vggish_pca) -> None:
+    from avstrain.visualise import choose_embedder, segment_video
+
+    recorded = runtime.checkpoint
+    embedder = choose_embedder(recorded, checkpoint, vggish_weights, vggish_pca) if config.model.audio else None
+    result = segment_video(model, video, audio, out, embedder, frames_per_clip or recorded.get("frames_per_clip") or 5,
+                           device=runtime.device, amp_dtype=runtime.amp_dtype)
+    click.echo(f"{video}: {result.seconds} frames at 1 per second ({result.fps:g} fps video), audio through "
+               f"{result.embedder}; wrote {len(result.masks)} masks and {len(result.overlays)} overlay grids to {out}")
+
+
+def _predict_shards(model, runtime, shards, out, split, batch_size, overlays) -> None:
+    from avsprep.shards import read_manifest
+    from avstrain.predict import write_predictions
+    from avstrain.visualise import write_overlays
+
     clips = read_manifest(shards)["splits"].get(split, 0)
-    with click.progressbar(length=clips, label="predicting clips", file=sys.stderr) as bar:
-        written = write_predictions(model, shards, out, split, device, amp_dtype, batch_size, progress=bar.update)
+    with progress("predicting clips", total=clips) as advance:
+        written = write_predictions(model, shards, out, split, runtime.device, runtime.amp_dtype, batch_size,
+                                    progress=advance)
     click.echo(f"wrote {written} masks of {clips} clips to {out}")
     if overlays:
-        from avstrain.visualise import write_overlays
-
-        with click.progressbar(length=min(overlays, clips), label="overlay grids", file=sys.stderr) as bar:
-            result = write_overlays(model, shards, out / "overlays", overlays, split, device, amp_dtype,
-                                    progress=bar.update)
+        with progress("overlay grids", total=min(overlays, clips)) as advance:
+            result = write_overlays(model, shards, out / "overlays", overlays, split, runtime.device,
+                                    runtime.amp_dtype, progress=advance)
         click.echo(f"wrote {len(result.written)} overlay grids ({', '.join(result.conditions)} audio) "
                    f"to {out / 'overlays'}")
 
@@ -168,7 +159,6 @@ def predict(checkpoint, shards, video, audio, out, split, batch_size, overlays, 
               help="First frame number of the predictions (the reference's save_mask writes 0).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Per-clip scores.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON of the overall scores.")
-@exits_cleanly_on_bad_input
 def score(pred, gt, layout, index_base, csv_path, out):
     """Score any method's predicted masks against ground truth: mIoU, F, F_avsbench, FPR on empty targets."""
     from avstrain.predict import score_directories
@@ -184,7 +174,6 @@ def score(pred, gt, layout, index_base, csv_path, out):
 @main.command()
 @click.argument("run_dir", type=EXISTING_DIR)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="PNG (default: <run>/curves.png).")
-@exits_cleanly_on_bad_input
 def plot(run_dir, out):
     """Loss parts (steps.jsonl) and validation metrics (metrics.jsonl) over epochs as a PNG."""
     from avstrain.plot import plot_run
@@ -195,7 +184,6 @@ def plot(run_dir, out):
 @main.command()
 @click.argument("run_dir", type=EXISTING_DIR)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="HTML (default: <run>/report.html).")
-@exits_cleanly_on_bad_input
 def report(run_dir, out):
     """One self-contained HTML page: config, metrics and reliance tables, curves, t-SNE, overlay grids."""
     from avstrain.report import write_report

@@ -18,12 +18,16 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "pvt_v2_b0", "pvt_v2_b1", "pvt_
              "pvt_v2_b5")
 CROP_MODES = ("off", "separate", "shared")
 AVM_VARIANTS = ("kl", "cosine")
+# The weighted parts of the loss; a model kind (`avstrain.models.registry`) says which it trains with.
+LOSS_WEIGHTS = ("bce", "avm", "crop_cls", "crop_temporal", "crop_audio")
 
 
 @dataclass
 class ModelConfig:
-    """The TPAVI AVS model (DESIGN §6) and its optional crop encoder (DESIGN §7)."""
+    """The model: its kind (the registered family, `avstrain.models.registry`) and that kind's options. Today the
+    one kind is "tpavi", the TPAVI AVS model (DESIGN §6) with its optional crop encoder (DESIGN §7)."""
 
+    kind: str = "tpavi"
     backbone: str = "resnet50"
     # Local torchvision-format state dict with ImageNet weights; None = random init. Nothing is ever downloaded.
     backbone_weights: str | None = None
@@ -63,7 +67,10 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (DESIGN §7); a weight of 0 switches that part off (it is then not computed at all)."""
+    """Loss weights (DESIGN §7); a weight of 0 switches that part off (it is then not computed at all).
+
+    The defaults here are the "tpavi" kind's; `build_config` takes each kind's own defaults from its registry entry.
+    """
 
     bce: float = 1.0
     # The AVSBench MS3 recipe uses avm = 0.5 with the KL form; the S4 recipe (the default here) uses none.
@@ -78,7 +85,7 @@ class LossConfig:
         self.avm_stages = tuple(int(s) for s in self.avm_stages)
         if self.avm_variant not in AVM_VARIANTS:
             raise ValueError(f"loss.avm_variant must be one of {AVM_VARIANTS}, got {self.avm_variant!r}")
-        for name in ("bce", "avm", "crop_cls", "crop_temporal", "crop_audio"):
+        for name in LOSS_WEIGHTS:
             if getattr(self, name) < 0:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.avm > 0 and not self.avm_stages:
@@ -174,7 +181,13 @@ def _coerce(section: str, key: str, hint, value):
 
 
 def build_config(sections: dict) -> Config:
-    """Config from a {section: {key: value}} mapping; unknown sections or keys and wrong types are ConfigErrors."""
+    """Config from a {section: {key: value}} mapping; unknown sections or keys and wrong types are ConfigErrors.
+
+    The model kind (`model.kind`) gives the loss weights left unset; setting one it does not use to non-zero, or a
+    model option it does not read, is a ConfigError, as is an unknown kind.
+    """
+    from avstrain.models.registry import resolve_kind_settings  # the registry imports this module
+
     built = {}
     for section_field in dataclasses.fields(Config):
         cls = section_field.type if isinstance(section_field.type, type) else globals()[section_field.type]
@@ -190,7 +203,7 @@ def build_config(sections: dict) -> Config:
     unknown_sections = set(sections) - set(built)
     if unknown_sections:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown_sections))}")
-    return Config(**built)
+    return resolve_kind_settings(Config(**built), sections)
 
 
 def parse_override(text: str) -> tuple[str, str, object]:
@@ -251,4 +264,4 @@ def config_to_toml(config: Config) -> str:
 
 __all__ = ["Config", "ConfigError", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig",
            "EvalConfig", "load_config", "build_config", "parse_override", "config_to_dict", "config_to_toml",
-           "BACKBONES", "CROP_MODES", "AVM_VARIANTS"]
+           "BACKBONES", "CROP_MODES", "AVM_VARIANTS", "LOSS_WEIGHTS"]

@@ -16,7 +16,6 @@ per-batch F-measure (`f_avsbench`, 4 clips per batch in split order) is rebuilt 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from avsprep.errors import InputError
 from avsprep.shards import read_negatives
 from avstrain.data import ShardDataset
 from avstrain.metrics import FPRMeter, SegmentationMeter
+from avstrain.runtime import autocast, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -48,17 +48,10 @@ Progress = Callable[[int], None]  # called with the number of clips just scored
 # The model call
 
 
-def _model_uses_audio(model: nn.Module) -> bool:
+def model_uses_audio(model: nn.Module) -> bool:
     """False for the vision-only model (`config.audio == False`), which ignores its audio input."""
     config = getattr(model, "config", None)
     return bool(getattr(config, "audio", True))
-
-
-def autocast(device: torch.device, amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    """bf16 (or other) autocast on the device, or nothing for fp32."""
-    if amp_dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
 @torch.no_grad()
@@ -77,17 +70,6 @@ def predict_logits(model: nn.Module, batch: dict, device: torch.device | str,
     with autocast(device, amp_dtype):
         output = model(frames, audio.to(device, non_blocking=True))
     return output.logits.float().cpu()
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Evaluation mode for the block, then back to the mode the caller had (the trainer evaluates mid-training)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -263,7 +245,7 @@ def evaluate(model: nn.Module, shards_dir: str | Path, split: str = "test", devi
     overall = _Scores()
     per_class: dict[str, _Scores] = {}
     model.to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
             logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
             for i, position in enumerate(positions):
@@ -348,13 +330,77 @@ def _with_donors(donors: list[int | None]) -> tuple[list[int], list[int], list[i
     return rows, [donors[i] for i in rows], [i for i, donor in enumerate(donors) if donor is None]
 
 
-def _predict_rows(model: nn.Module, batch: dict, rows: list[int], audio: Tensor, device: torch.device,
-                  amp_dtype: torch.dtype | None, reuse: Tensor | None) -> Tensor:
-    """Logits [len(rows),T,1,S,S] of the given rows of a batch heard with `audio` [len(rows),T,128] instead of
-    their own; `reuse` [B,T,1,S,S] are returned instead for a model that ignores audio."""
-    if reuse is not None:
-        return reuse[rows]
-    return predict_logits(model, _select(batch, rows), device, amp_dtype, audio=audio)
+# predict(rows, audio): logits [len(rows),T,1,S,S] of some rows of a batch heard with audio [len(rows),T,128]
+RowPredictor = Callable[[list[int], Tensor], Tensor]
+
+
+class _Reliance:
+    """The suite's inputs (donor audio, negatives) and meters, filled one batch at a time (DESIGN §9)."""
+
+    def __init__(self, table: SplitTable, silence: Tensor, noise: Tensor, has_other: bool, seed: int) -> None:
+        self.donors = DonorPicker(table.labels, seed)
+        self.donor_audio = torch.from_numpy(table.audio)  # [N,T,128]
+        self.silence, self.noise, self.has_other, self.seed = silence, noise, has_other, seed
+        self.true = _Scores()
+        self.swap = _Scores(reference_batches=False)
+        self.fprs = {name: FPRMeter() for name in ("silence", "noise", "offscreen")}
+        self.clips = {name: 0 for name in self.fprs}
+        self.skipped = {"swap": 0, "offscreen": 0}
+
+    def add(self, batch: dict, positions: list[int], true_logits: Tensor, predict: RowPredictor) -> None:
+        """One batch: its true-audio logits [B,T,1,S,S]; `predict(rows, audio)` scores rows with other audio."""
+        for i, position in enumerate(positions):
+            self.true.add(position, true_logits[i], batch["masks"][i], batch["mask_valid"][i])
+        if self.has_other:
+            self._add_swap(batch, positions, predict)
+        B, every = len(positions), list(range(len(positions)))
+        self.fprs["silence"].update(predict(every, self.silence.expand(B, -1, -1)))
+        picks = [int(np.random.default_rng([self.seed, _STREAM_NOISE, p]).integers(len(self.noise)))
+                 for p in positions]
+        self.fprs["noise"].update(predict(every, self.noise[picks]))
+        self.clips["silence"] += B
+        self.clips["noise"] += B
+        self._add_offscreen(batch, positions, predict)
+
+    def _add_swap(self, batch: dict, positions: list[int], predict: RowPredictor) -> None:
+        rows, sources, missing = _with_donors([self.donors.swap(p, int(batch["other_label"][i]))
+                                               for i, p in enumerate(positions)])
+        # Clips without another object in view have nothing to swap to: neither scored nor skipped.
+        self.skipped["swap"] += sum(int(batch["other_label"][i]) >= 0 for i in missing)
+        if rows:
+            logits = predict(rows, self.donor_audio[sources])
+            for k, i in enumerate(rows):
+                self.swap.add(positions[i], logits[k], batch["other_masks"][i], batch["mask_valid"][i])
+
+    def _add_offscreen(self, batch: dict, positions: list[int], predict: RowPredictor) -> None:
+        other_labels = batch["other_label"].tolist() if "other_label" in batch else [-1] * len(positions)
+        rows, sources, missing = _with_donors([
+            self.donors.offscreen(p, visible_classes(int(batch["label"][i]), other_labels[i], batch["sounding"][i]))
+            for i, p in enumerate(positions)])
+        self.skipped["offscreen"] += len(missing)
+        if rows:
+            self.fprs["offscreen"].update(predict(rows, self.donor_audio[sources]))
+            self.clips["offscreen"] += len(rows)
+
+    def result(self, split: str) -> dict:
+        result: dict = {"split": split, "true": {**self.true.compute(), "clips": self.true.clips}}
+        if self.swap.clips:
+            scores = self.swap.compute()
+            result["swap"] = {"miou_other": scores["miou"], "f_other": scores["f"], "clips": self.swap.clips,
+                              "skipped": self.skipped["swap"]}
+        elif not self.has_other:
+            result["swap"] = {"clips": 0, "note": "the shards have no other-object masks (avsprep crops --other-masks)"}
+        else:
+            result["swap"] = {"clips": 0, "skipped": self.skipped["swap"],
+                              "note": "no clip has another visible object with a donor clip of its class in this split"}
+        for name, meter in self.fprs.items():
+            if self.clips[name]:
+                result[name] = {"fpr": meter.compute(), "clips": self.clips[name]}
+            else:
+                result[name] = {"clips": 0, "note": "no clip of the split has a class out of view to borrow audio from"}
+            if name == "offscreen":
+                result[name]["skipped"] = self.skipped["offscreen"]
+        return result
 
 
 def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test", device: torch.device | str = "cpu",
@@ -378,81 +424,28 @@ def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test"
     """
     device = torch.device(device)
     dataset = _eval_dataset(shards_dir, split)
-    frames_per_clip = dataset.manifest["frames_per_clip"]
     table = read_split_table(dataset, with_audio=True)
-    donors = DonorPicker(table.labels, seed)
-    donor_audio = torch.from_numpy(table.audio)  # [N,T,128]
-    silence, noise = _load_negatives(shards_dir, frames_per_clip)
-    has_other = bool(dataset.manifest.get("has_other_masks"))
-    uses_audio = _model_uses_audio(model)
-
-    true = _Scores()
-    swap = _Scores(reference_batches=False)
-    fprs = {name: FPRMeter() for name in ("silence", "noise", "offscreen")}
-    clips = {name: 0 for name in fprs}
-    skipped = {"swap": 0, "offscreen": 0}
-
+    silence, noise = _load_negatives(shards_dir, dataset.manifest["frames_per_clip"])
+    suite = _Reliance(table, silence, noise, bool(dataset.manifest.get("has_other_masks")), seed)
+    uses_audio = model_uses_audio(model)
     model.to(device)
-    with _eval_mode(model):
+    with eval_mode(model):
         for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
-            B = len(positions)
             true_logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
 
-            # A model that ignores audio predicts the same with any audio: its true-audio prediction serves all.
-            reuse = None if uses_audio else true_logits
-            every = list(range(B))
+            def predict(rows: list[int], audio: Tensor) -> Tensor:
+                """Logits [len(rows),T,1,S,S] of these rows heard with `audio` [len(rows),T,128] instead of their
+                own. A model that ignores audio predicts the same with any audio: its true-audio logits serve."""
+                if not uses_audio:
+                    return true_logits[rows]
+                return predict_logits(model, _select(batch, rows), device, amp_dtype, audio=audio)
 
-            for i, position in enumerate(positions):
-                true.add(position, true_logits[i], batch["masks"][i], batch["mask_valid"][i])
-
-            if has_other:
-                rows, sources, missing = _with_donors([donors.swap(p, int(batch["other_label"][i]))
-                                                       for i, p in enumerate(positions)])
-                # Clips without another object in view have nothing to swap to: neither scored nor skipped.
-                skipped["swap"] += sum(int(batch["other_label"][i]) >= 0 for i in missing)
-                if rows:
-                    logits = _predict_rows(model, batch, rows, donor_audio[sources], device, amp_dtype, reuse)
-                    for k, i in enumerate(rows):
-                        swap.add(positions[i], logits[k], batch["other_masks"][i], batch["mask_valid"][i])
-
-            fprs["silence"].update(_predict_rows(model, batch, every, silence.expand(B, -1, -1), device, amp_dtype,
-                                                 reuse))
-            picks = [int(np.random.default_rng([seed, _STREAM_NOISE, p]).integers(len(noise))) for p in positions]
-            fprs["noise"].update(_predict_rows(model, batch, every, noise[picks], device, amp_dtype, reuse))
-            clips["silence"] += B
-            clips["noise"] += B
-
-            other_labels = batch["other_label"].tolist() if "other_label" in batch else [-1] * B
-            rows, sources, missing = _with_donors([
-                donors.offscreen(p, visible_classes(int(batch["label"][i]), other_labels[i], batch["sounding"][i]))
-                for i, p in enumerate(positions)])
-            skipped["offscreen"] += len(missing)
-            if rows:
-                fprs["offscreen"].update(_predict_rows(model, batch, rows, donor_audio[sources], device, amp_dtype,
-                                                       reuse))
-                clips["offscreen"] += len(rows)
-            _report(progress, true.clips, B)
-
+            suite.add(batch, positions, true_logits, predict)
+            _report(progress, suite.true.clips, len(positions))
     log.info("reliance suite on %d clips of split %r (swap %d, skipped %d; off-screen %d, skipped %d)",
-             true.clips, split, swap.clips, skipped["swap"], clips["offscreen"], skipped["offscreen"])
-    result: dict = {"split": split, "true": {**true.compute(), "clips": true.clips}}
-    if swap.clips:
-        scores = swap.compute()
-        result["swap"] = {"miou_other": scores["miou"], "f_other": scores["f"], "clips": swap.clips,
-                          "skipped": skipped["swap"]}
-    elif not has_other:
-        result["swap"] = {"clips": 0, "note": "the shards have no other-object masks (avsprep crops --other-masks)"}
-    else:
-        result["swap"] = {"clips": 0, "skipped": skipped["swap"],
-                          "note": "no clip has another visible object with a donor clip of its class in this split"}
-    for name, meter in fprs.items():
-        if clips[name]:
-            result[name] = {"fpr": meter.compute(), "clips": clips[name]}
-        else:
-            result[name] = {"clips": 0, "note": "no clip of the split has a class out of view to borrow audio from"}
-        if name == "offscreen":
-            result[name]["skipped"] = skipped["offscreen"]
-    return result
+             suite.true.clips, split, suite.swap.clips, suite.skipped["swap"], suite.clips["offscreen"],
+             suite.skipped["offscreen"])
+    return suite.result(split)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -502,5 +495,5 @@ def format_table(results: dict) -> str:
     raise ValueError("not an evaluate or reliance_suite result: expected an 'overall' or a 'true' key")
 
 
-__all__ = ["DonorPicker", "SplitTable", "evaluate", "format_table", "predict_logits", "read_split_table",
-           "reliance_suite", "visible_classes"]
+__all__ = ["DonorPicker", "SplitTable", "evaluate", "format_table", "model_uses_audio", "predict_logits",
+           "read_split_table", "reliance_suite", "visible_classes"]

@@ -7,13 +7,16 @@ total plus the unweighted parts for logging. Each part is also a public function
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LossConfig
-from .models.avs import AVSOutput
+
+if TYPE_CHECKING:  # the model's file imports this one
+    from .models.tpavi_avs import AVSOutput
 
 
 @dataclass

@@ -21,6 +21,7 @@ from avsprep.errors import InputError
 from avstrain.data import ShardDataset
 from avstrain.evaluate import predict_logits
 from avstrain.metrics import FPRMeter, SegmentationMeter
+from avstrain.runtime import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +35,9 @@ def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str |
     """Write sigmoid(logit) > 0.5 as 0/255 PNGs for every clip of the split; returns the number of files written."""
     device, out = torch.device(device), Path(out)
     dataset = ShardDataset(shards_dir, split, shuffle=False)
-    was_training = model.training
-    model.to(device).eval()
     written = 0
-    try:
+    model.to(device)
+    with eval_mode(model):
         for batch in DataLoader(dataset, batch_size=batch_size):
             logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
             masks = ((logits[:, :, 0] > 0).numpy() * 255).astype(np.uint8)  # sigmoid > 0.5 <=> logit > 0
@@ -49,8 +49,6 @@ def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str |
                     written += 1
             if progress:
                 progress(len(batch["name"]))
-    finally:
-        model.train(was_training)
     return written
 
 

@@ -1,114 +1,50 @@
-"""The training loop: a plain, readable loop in the style of torchvision's `references/` scripts.
+"""The training loop, in the shape of torchvision's `references/segmentation/train.py`:
 
     train(config, shards_dir, run_dir, resume=False)
+        set up (seeds, device, data, model, optimiser), resume from last.pt, then per epoch
+        train_one_epoch(...)   -> train_step(...) per batch
+        validate(...)          -> the model kind's default suite; best.pt by the kind's metric
 
 writes `run_dir/config.toml` (resolved), `steps.jsonl` (per-step loss parts), `metrics.jsonl` (per-epoch validation),
-`last.pt`, `best.pt` and `step-<n>.pt` every `train.checkpoint_every` steps. Checkpoints hold only tensors and plain
-values (model, optimiser, epoch, step, data position, RNG states, config), load with `weights_only=True`, and are
-written atomically. `resume=True` continues from `last.pt` exactly: same data order, optimiser and RNG state, so the
-per-step losses equal an uninterrupted run's on CPU.
+`last.pt`, `best.pt` and `step-<n>.pt` every `train.checkpoint_every` steps (`avstrain.checkpoint`). `resume=True`
+continues from `last.pt` exactly: same data order, optimiser and RNG state, so the per-step losses equal an
+uninterrupted run's on CPU. What the loop needs of the model (its batch fields, forward, loss, metric, suites) comes
+from its kind in the registry (`avstrain.models.registry`), so the loop is the same for every model family.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import random
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import IO
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
 
-from avsprep.errors import InputError
 from avsprep.shards import read_manifest, read_negatives
-from avstrain.config import Config, ConfigError, config_to_dict, config_to_toml
+from avstrain.checkpoint import CheckpointSaver, RunState, load_checkpoint, restore
+from avstrain.config import Config, OptimConfig, config_to_toml
 from avstrain.data import Augmentation, ShardDataset
-from avstrain.evaluate import autocast, evaluate
-from avstrain.losses import compute_loss
-from avstrain.models import build_model
+from avstrain.losses import LossOutput
+from avstrain.models import ModelKind, build_for_shards, get_kind
+from avstrain.runtime import autocast, resolve_amp, to_channels_last, training_device
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "avs-toolkit checkpoint v1"
-
-
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: bf16 matmuls run natively (about 3x fp32 for ResNet-50 fwd+bwd on these machines)."""
-    try:
-        return bool(torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported())
-    except AttributeError:  # older torch without the probes
-        return False
-
-
-def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.amp` on this device, or None for fp32."""
-    if amp == "fp32":
-        return None
-    if device.type == "cuda":
-        return torch.bfloat16
-    if cpu_has_native_bf16():
-        # "auto" too: on the synthetic benchmark bf16 matched fp32 (test mIoU 0.873 vs 0.876) at 1.45x the speed.
-        return torch.bfloat16
-    if amp == "bf16":
-        log.warning("train.amp = bf16 but this CPU has no native bf16 (AMX / AVX512-BF16): running fp32")
-    return None
-
-
-def to_channels_last(model: torch.nn.Module) -> None:
-    """channels-last for the 2-D convolutions (TPAVI's Conv3d weights are 5-D and stay as they are)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            module.to(memory_format=torch.channels_last)
-
-
-def save_atomic(state: dict, path: Path) -> None:
-    temporary = path.with_name(path.name + ".partial")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint written by `train` (weights-only load: nothing but tensors and plain values is unpickled)."""
-    path = Path(path)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise InputError(path, "checkpoint not found") from None
-    except Exception as error:  # torch raises several types for files that are not checkpoints
-        first_line = (str(error).splitlines() or [type(error).__name__])[0]  # an empty file gives an empty message
-        raise InputError(path, f"not a loadable checkpoint ({first_line[:200]})") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(path, "not an avs-toolkit checkpoint (use --format avsbench for the reference's)")
-    return state
-
-
-def _rng_state(negatives_generator: torch.Generator) -> dict:
-    numpy_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "negatives": negatives_generator.get_state(),
-        "numpy": (numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]),
-        "python": random.getstate(),
-    }
-
-
-def _restore_rng(state: dict, negatives_generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    negatives_generator.set_state(state["negatives"])
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
-    random.setstate(_as_python_rng_state(state["python"]))
-
-
-def _as_python_rng_state(state) -> tuple:
-    version, internal, gauss = state
-    return version, tuple(internal), gauss
+# progress(n, total): n more steps done (the first call: the steps a resumed run starts from) of `total` in all.
+Progress = Callable[[int, int], None]
+# timer(phase) is called as each phase of a step ends: "forward" (forward and loss), "backward", "optimizer".
+Timer = Callable[[str], None]
+IMAGE_FIELDS = ("frames", "crops")  # [B,T,S,S,3] uint8 in the shards, [B,T,3,S,S] for the model
 
 
 class NegativeAudio:
@@ -154,22 +90,267 @@ class NegativeAudio:
         return true_audio[donors[pick % len(donors)]] if donors else None
 
 
-def _to_device(batch: dict, device: torch.device, image_size: int, with_crops: bool) -> dict:
-    """Move a batch to the device in the model's layout; frames stay uint8 until there, then resize if needed."""
+# --------------------------------------------------------------------------------------------------------------
+# Pieces of the set-up (public: tools/bench_train.py builds its rows from them)
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place under torchrun: rank, world size, and whether it started the process group."""
+
+    rank: int = 0
+    world_size: int = 1
+    owns_process_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Distributed:
+    """Join the process group under torchrun (WORLD_SIZE > 1; gloo on CPU, nccl on GPU); one process otherwise."""
+    if torch.distributed.is_initialized():
+        return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size())
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return Distributed()
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return Distributed(torch.distributed.get_rank(), torch.distributed.get_world_size(), owns_process_group=True)
+
+
+def end_distributed(dist: Distributed) -> None:
+    if dist.owns_process_group:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """torch, numpy and Python RNGs seeded alike; `threads` > 0 sets torch's intra-op threads."""
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def training_dataset(config: Config, shards_dir: Path) -> ShardDataset:
+    """The shuffled, augmented training split."""
+    data = config.data
+    augmentation = Augmentation(data.flip, data.brightness, data.contrast) if data.augment else None
+    return ShardDataset(shards_dir, data.train_split, shuffle=True, seed=config.train.seed,
+                        buffer_size=data.buffer_size, augmentation=augmentation)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+    """Adam over the trainable parameters."""
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=optim.lr,
+                            weight_decay=optim.weight_decay)
+
+
+def learning_rate(config: Config, step: int, total_steps: int) -> float:
+    """The learning rate of `step` (0-based): linear warm-up, then constant or cosine to 0 at `total_steps`."""
+    lr = config.optim.lr
+    if config.optim.warmup_steps and step < config.optim.warmup_steps:
+        return lr * (step + 1) / config.optim.warmup_steps
+    if config.optim.lr_schedule == "cosine":
+        progress = min(1.0, (step - config.optim.warmup_steps) / max(1, total_steps - config.optim.warmup_steps))
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr
+
+
+def make_negatives(config: Config, shards_dir: Path, generator: torch.Generator) -> NegativeAudio:
+    probability = config.train.negatives
+    if probability and not config.model.audio:
+        # A model that cannot hear sees the same frames with and without their sound: negative audio would only
+        # teach it to predict nothing. The vision-only baseline trains on the true targets alone.
+        log.warning("model.audio = false: train.negatives = %s is ignored", probability)
+        probability = 0.0
+    return NegativeAudio(shards_dir, probability, config.train.negative_kinds, generator)
+
+
+def to_device(batch: dict, device: torch.device, fields: tuple[str, ...], image_size: int) -> dict:
+    """The batch's `fields` on the device in the model's layout: frames and crops [B,T,3,S,S], still uint8 unless
+    frames and masks need resizing to `image_size` (then float, frames in 0..1)."""
     non_blocking = device.type == "cuda"
-    frames = batch["frames"].to(device, non_blocking=non_blocking).permute(0, 1, 4, 2, 3)  # [B,T,3,S,S]
-    masks = batch["masks"].to(device, non_blocking=non_blocking).float()  # [B,T,S,S]
-    B, T, _, S, _ = frames.shape
-    if S != image_size:
-        frames = F.interpolate(frames.flatten(0, 1).float() / 255.0, size=(image_size, image_size), mode="bilinear",
-                               align_corners=False, antialias=True).view(B, T, 3, image_size, image_size)
-        masks = F.interpolate(masks, size=(image_size, image_size), mode="nearest")
-    out = {"frames": frames, "masks": masks, "audio": batch["audio"].to(device),
-           "mask_valid": batch["mask_valid"].to(device), "crop_valid": batch["crop_valid"].to(device),
-           "label": batch["label"].to(device)}
-    if with_crops:
-        out["crops"] = batch["crops"].to(device, non_blocking=non_blocking).permute(0, 1, 4, 2, 3)  # [B,T,3,c,c]
+    out = {}
+    for key in fields:
+        value = batch[key].to(device, non_blocking=non_blocking)
+        out[key] = value.permute(0, 1, 4, 2, 3) if key in IMAGE_FIELDS else value  # [B,T,3,S,S]
+    if "masks" in out:
+        out["masks"] = out["masks"].float()  # [B,T,S,S]
+    frames = out.get("frames")
+    if frames is not None and frames.shape[-1] != image_size:
+        B, T = frames.shape[:2]
+        out["frames"] = F.interpolate(frames.flatten(0, 1).float() / 255.0, size=(image_size, image_size),
+                                      mode="bilinear", align_corners=False, antialias=True
+                                      ).view(B, T, 3, image_size, image_size)
+        if "masks" in out:
+            out["masks"] = F.interpolate(out["masks"], size=(image_size, image_size), mode="nearest")
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The step, the epoch, validation
+
+
+def train_step(network: nn.Module, optimizer: torch.optim.Optimizer, batch: dict, config: Config,
+               device: torch.device, amp_dtype: torch.dtype | None, kind: ModelKind | None = None,
+               timer: Timer | None = None) -> LossOutput:
+    """One optimisation step on a device batch (`to_device`): forward and loss under autocast, backward, gradient
+    clipping (`optim.grad_clip`), optimiser step. `network` is the model or its DistributedDataParallel wrapper;
+    the kind (default: `config.model.kind`'s) says how the batch goes through it and into the loss."""
+    kind = kind or get_kind(config.model.kind)
+    with autocast(device, amp_dtype):
+        output = kind.forward(network, batch)
+        losses = kind.compute_loss(output, batch, config.loss)
+    if timer:
+        timer("forward")
+    optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    if timer:
+        timer("backward")
+    if config.optim.grad_clip:
+        torch.nn.utils.clip_grad_norm_(network.parameters(), config.optim.grad_clip)
+    optimizer.step()
+    if timer:
+        timer("optimizer")
+    return losses
+
+
+@dataclass
+class Session:
+    """What a run trains with; fixed once set up (what changes is the `RunState`)."""
+
+    config: Config
+    kind: ModelKind
+    model: nn.Module
+    network: nn.Module  # what the steps call: the model itself, or its DistributedDataParallel wrapper
+    optimizer: torch.optim.Optimizer
+    dataset: ShardDataset
+    negatives: NegativeAudio
+    saver: CheckpointSaver
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    batches_per_epoch: int
+    total_steps: int
+
+
+def train_one_epoch(session: Session, run: RunState, steps_log: IO[str], progress: Progress | None = None) -> int:
+    """Train from the run's position to the end of its epoch or to `train.max_steps`; returns the clips seen.
+
+    Each step is logged to `steps_log` (one JSON line: epoch, step, lr, loss and its parts); `step-<n>.pt` is
+    written every `train.checkpoint_every` steps."""
+    config, model, optimizer = session.config, session.model, session.optimizer
+    model.train()
+    session.dataset.set_epoch(run.epoch, skip_batches=run.batch_in_epoch, batch_size=config.optim.batch_size)
+    loader = DataLoader(session.dataset, batch_size=config.optim.batch_size, num_workers=config.train.workers,
+                        pin_memory=session.device.type == "cuda")
+    fields = session.kind.batch_fields(config)
+    clips = 0
+    for batch in loader:
+        if run.epoch >= config.train.negatives_from_epoch:
+            session.negatives.apply(batch)
+        inputs = to_device(batch, session.device, fields, config.model.image_size)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(config, run.step, session.total_steps)
+        losses = train_step(session.network, optimizer, inputs, config, session.device, session.amp_dtype,
+                            session.kind)
+        run.step += 1
+        run.batch_in_epoch += 1
+        clips += batch["audio"].shape[0]
+        record = {"epoch": run.epoch, "step": run.step, "lr": optimizer.param_groups[0]["lr"],
+                  "loss": float(losses.total.detach()), **{k: float(v) for k, v in losses.parts.items()}}
+        steps_log.write(json.dumps(record) + "\n")
+        steps_log.flush()
+        if config.train.checkpoint_every and run.step % config.train.checkpoint_every == 0:
+            session.saver.save_step(run)
+        if progress:
+            progress(1, session.total_steps)
+        if config.train.max_steps and run.step >= config.train.max_steps:
+            break
+    return clips
+
+
+def metric_value(results: dict, path: str) -> float:
+    """The value at a dotted path of a suite's result ("overall.miou")."""
+    for key in path.split("."):
+        results = results[key]
+    return float(results)
+
+
+def validate(session: Session, shards_dir: Path, run: RunState, run_dir: Path, seconds: float, clips: int) -> dict:
+    """Score the validation split with the kind's default suite, log it to metrics.jsonl, keep best.pt."""
+    config = session.config
+    results = session.kind.suites()["default"](
+        session.model, shards_dir, config.data.val_split, session.device, session.amp_dtype,
+        batch_size=config.eval.batch_size, max_clips=config.eval.max_clips or None)
+    with (run_dir / "metrics.jsonl").open("a") as metrics_log:
+        metrics_log.write(json.dumps({"epoch": run.epoch, "step": run.step, "train_seconds": round(seconds, 2),
+                                      "clips_per_second": round(clips / max(seconds, 1e-9), 2),
+                                      "val": results}) + "\n")
+    value = metric_value(results, session.kind.best_metric)
+    log.info("epoch %d: val %s %.4f (%.1f clips/s)", run.epoch, session.kind.best_metric, value,
+             clips / max(seconds, 1e-9))
+    if value > run.best_metric:
+        run.best_metric = value
+        session.saver.save_best(run)
+    return results
+
+
+# --------------------------------------------------------------------------------------------------------------
+# train
+
+
+def _schedule(config: Config, dataset: ShardDataset) -> tuple[int, int]:
+    """(batches per epoch, total steps of the run)."""
+    workers = max(1, config.train.workers)
+    batches_per_epoch = sum(math.ceil(len(dataset.consumer_order(w, workers)) / config.optim.batch_size)
+                            for w in range(workers))
+    total_steps = batches_per_epoch * config.optim.epochs
+    return batches_per_epoch, min(total_steps, config.train.max_steps) if config.train.max_steps else total_steps
+
+
+def _set_up(config: Config, shards_dir: Path, run_dir: Path, dist: Distributed) -> tuple[Session, RunState]:
+    """Seeds, device and precision, data, model, optimiser, negative audio, the checkpoint saver."""
+    manifest = read_manifest(shards_dir)
+    seed_everything(config.train.seed, config.train.threads)
+    device = training_device()
+    amp_dtype = resolve_amp(config.train.amp, device)
+    log.info("rank %d of %d, device %s, %s, %d threads", dist.rank, dist.world_size, device,
+             "bf16 autocast" if amp_dtype else "fp32", torch.get_num_threads())
+    dataset = training_dataset(config, shards_dir)
+    batches_per_epoch, total_steps = _schedule(config, dataset)
+    kind = get_kind(config.model.kind)
+    model = build_for_shards(config, manifest).to(device)
+    if config.train.channels_last:
+        to_channels_last(model)
+    optimizer = make_optimizer(model, config.optim)
+    run = RunState(negatives=torch.Generator().manual_seed(config.train.seed + dist.rank))  # ranks draw differently
+    negatives = make_negatives(config, shards_dir, run.negatives)
+    network = model
+    if dist.world_size > 1:
+        network = nn.parallel.DistributedDataParallel(model,
+                                                      find_unused_parameters=kind.find_unused_parameters(config))
+    saver = CheckpointSaver(run_dir, model, optimizer, config, manifest, enabled=dist.is_main)
+    session = Session(config, kind, model, network, optimizer, dataset, negatives, saver, device, amp_dtype,
+                      batches_per_epoch, total_steps)
+    return session, run
+
+
+def _resume(session: Session, run: RunState) -> None:
+    last = session.saver.last
+    if not last.is_file():
+        log.info("--resume: no %s yet, starting from scratch", last)
+        return
+    restore(load_checkpoint(last), session.model, session.optimizer, run)
+    log.info("resuming from %s at epoch %d, step %d", last, run.epoch, run.step)
+
+
+def _start_logs(run_dir: Path, run: RunState, config: Config) -> None:
+    """Logs hold exactly the steps and epochs up to the state we start from: a crash after the last checkpoint must
+    not leave steps that the resumed run will log again."""
+    _truncate_log(run_dir / "steps.jsonl", "step", run.step)
+    _truncate_log(run_dir / "metrics.jsonl", "epoch", run.epoch)
+    (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
 
 
 def _truncate_log(path: Path, key: str, last: int) -> None:
@@ -180,199 +361,50 @@ def _truncate_log(path: Path, key: str, last: int) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
-def _learning_rate(config: Config, step: int, total_steps: int) -> float:
-    lr = config.optim.lr
-    if config.optim.warmup_steps and step < config.optim.warmup_steps:
-        return lr * (step + 1) / config.optim.warmup_steps
-    if config.optim.lr_schedule == "cosine":
-        progress = min(1.0, (step - config.optim.warmup_steps) / max(1, total_steps - config.optim.warmup_steps))
-        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return lr
-
-
-def build_for_shards(config: Config, manifest: dict) -> torch.nn.Module:
-    """The model of `config.model`, with the crop classifier sized to the shards' class map."""
-    uses_crops = config.model.crop_mode != "off"
-    if config.loss.crop_cls > 0 and not manifest["classes"]:
-        raise ConfigError("loss.crop_cls > 0 needs class labels, and these shards have none "
-                          "(AVSBench MS3 has no classes): set loss.crop_cls=0")
-    model_config = dataclasses.replace(config.model, num_classes=len(manifest["classes"]) if uses_crops else 0)
-    return build_model(model_config)
-
-
-def _init_distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether we started the process group) under torchrun; (0, 1, False) otherwise."""
-    if torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size(), False
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, False
-    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size(), True
+def _running(config: Config, run: RunState) -> bool:
+    return run.epoch < config.optim.epochs and not (config.train.max_steps and run.step >= config.train.max_steps)
 
 
 def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: bool = False,
-          progress: Callable[[int, int], None] | None = None) -> dict:
-    """Train per `config` on the shards; returns {"best_miou", "last": last validation metrics, "steps", "model"}.
+          progress: Progress | None = None) -> dict:
+    """Train per `config` on the shards; returns {"best_miou": the best value of the kind's validation metric (-1:
+    not validated yet), "last": last validation results, "steps", "model"}.
 
-    `progress(steps_done, total_steps)` is called after each step. Under `torchrun` (WORLD_SIZE > 1) the model is
-    wrapped in DistributedDataParallel (gloo on CPU, nccl on GPU), each rank streams its own block of clips, and
+    `progress(n, total_steps)` is called with the steps done so far, then after each step. Under `torchrun`
+    (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, each rank streams its own block of clips, and
     rank 0 alone validates and writes the run folder. Exact resume is tested for a single process.
     """
     shards_dir, run_dir = Path(shards_dir), Path(run_dir)
-    rank, world_size, owns_process_group = _init_distributed()
-    is_main = rank == 0
+    dist = init_distributed()
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(shards_dir)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.train.seed)
-    np.random.seed(config.train.seed)
-    random.seed(config.train.seed)
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    amp_dtype = resolve_amp(config.train.amp, device)
-    log.info("rank %d of %d, device %s, %s, %d threads", rank, world_size, device,
-             "bf16 autocast" if amp_dtype else "fp32", torch.get_num_threads())
-
-    augmentation = Augmentation(config.data.flip, config.data.brightness, config.data.contrast) \
-        if config.data.augment else None
-    dataset = ShardDataset(shards_dir, config.data.train_split, shuffle=True, seed=config.train.seed,
-                           buffer_size=config.data.buffer_size, augmentation=augmentation)
-    loader_kwargs = dict(batch_size=config.optim.batch_size, num_workers=config.train.workers,
-                         pin_memory=device.type == "cuda")
-    batches_per_epoch = sum(math.ceil(len(dataset.consumer_order(w, max(1, config.train.workers)))
-                                      / config.optim.batch_size) for w in range(max(1, config.train.workers)))
-    total_steps = batches_per_epoch * config.optim.epochs
-    if config.train.max_steps:
-        total_steps = min(total_steps, config.train.max_steps)
-
-    model = build_for_shards(config, manifest).to(device)
-    if config.train.channels_last:
-        to_channels_last(model)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.optim.lr,
-                                 weight_decay=config.optim.weight_decay)
-    negatives_generator = torch.Generator().manual_seed(config.train.seed + rank)  # ranks draw differently
-    negatives_probability = config.train.negatives
-    if negatives_probability and not config.model.audio:
-        # A model that cannot hear sees the same frames with and without their sound: negative audio would only
-        # teach it to predict nothing. The vision-only baseline trains on the true targets alone.
-        log.warning("model.audio = false: train.negatives = %s is ignored", negatives_probability)
-        negatives_probability = 0.0
-    negatives = NegativeAudio(shards_dir, negatives_probability, config.train.negative_kinds, negatives_generator)
-    crops_needed = config.model.crop_mode != "off" and (config.loss.crop_cls or config.loss.crop_temporal
-                                                         or config.loss.crop_audio)
-    network = model  # what the steps call: the model itself, or its DistributedDataParallel wrapper
-    if world_size > 1:
-        network = torch.nn.parallel.DistributedDataParallel(
-            model, find_unused_parameters=config.model.crop_mode != "off" and not crops_needed)
-
-    epoch, step, batch_in_epoch, best_miou = 0, 0, 0, -1.0
-    last_checkpoint = run_dir / "last.pt"
-    if resume and last_checkpoint.is_file():
-        state = load_checkpoint(last_checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        epoch, step, batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
-        best_miou = state["best_miou"]
-        _restore_rng(state["rng"], negatives_generator)
-        log.info("resuming from %s at epoch %d, step %d", last_checkpoint, epoch, step)
-    elif resume:
-        log.info("--resume: no %s yet, starting from scratch", last_checkpoint)
-    # Logs hold exactly the steps and epochs up to the state we start from: a crash after the last checkpoint
-    # must not leave steps that the resumed run will log again.
-    if is_main:
-        _truncate_log(run_dir / "steps.jsonl", "step", step)
-        _truncate_log(run_dir / "metrics.jsonl", "epoch", epoch)
-        (run_dir / "config.toml").write_text(config_to_toml(config), encoding="utf-8")
-
-    def checkpoint(path: Path) -> None:
-        if not is_main:
-            return
-        save_atomic({
-            "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "best_miou": best_miou,
-            "config": config_to_dict(config), "classes": manifest["classes"], "rng": _rng_state(negatives_generator),
-            # The audio embedder of the training shards: `avstrain predict --video` must embed a user's audio alike.
-            "embedder": manifest.get("embedder"), "frames_per_clip": manifest.get("frames_per_clip"),
-        }, path)
-
+    session, run = _set_up(config, shards_dir, run_dir, dist)
+    if resume:
+        _resume(session, run)
+    if dist.is_main:
+        _start_logs(run_dir, run, config)
     last_metrics: dict = {}
     if progress:
-        progress(step, total_steps)
-    with (run_dir / "steps.jsonl").open("a") if is_main else open(os.devnull, "w") as steps_log:
-        while epoch < config.optim.epochs and not (config.train.max_steps and step >= config.train.max_steps):
-            model.train()
-            dataset.set_epoch(epoch, skip_batches=batch_in_epoch, batch_size=config.optim.batch_size)
-            started, clips = time.perf_counter(), 0
-            for batch in DataLoader(dataset, **loader_kwargs):
-                if epoch >= config.train.negatives_from_epoch:
-                    negatives.apply(batch)
-                inputs = _to_device(batch, device, config.model.image_size, crops_needed)
-                for group in optimizer.param_groups:
-                    group["lr"] = _learning_rate(config, step, total_steps)
-                with autocast(device, amp_dtype):
-                    output = network(inputs["frames"], inputs["audio"], inputs.get("crops"))
-                    losses = compute_loss(output, config.loss, inputs["masks"], inputs["mask_valid"],
-                                          inputs["label"], inputs["crop_valid"])
-                optimizer.zero_grad(set_to_none=True)
-                losses.total.backward()
-                if config.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                optimizer.step()
-                step += 1
-                batch_in_epoch += 1
-                clips += batch["audio"].shape[0]
-                record = {"epoch": epoch, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                          "loss": float(losses.total.detach()), **{k: float(v) for k, v in losses.parts.items()}}
-                steps_log.write(json.dumps(record) + "\n")
-                steps_log.flush()
-                if config.train.checkpoint_every and step % config.train.checkpoint_every == 0:
-                    checkpoint(run_dir / f"step-{step}.pt")
-                    checkpoint(last_checkpoint)
-                if progress:
-                    progress(step, total_steps)
-                if config.train.max_steps and step >= config.train.max_steps:
-                    break
-            if batch_in_epoch < batches_per_epoch:  # stopped by train.max_steps inside the epoch
-                checkpoint(last_checkpoint)
+        progress(run.step, session.total_steps)
+    with (run_dir / "steps.jsonl").open("a") if dist.is_main else open(os.devnull, "w") as steps_log:
+        while _running(config, run):
+            started = time.perf_counter()
+            clips = train_one_epoch(session, run, steps_log, progress)
+            if run.batch_in_epoch < session.batches_per_epoch:  # stopped by train.max_steps inside the epoch
+                session.saver.save_last(run)
                 break
-            epoch, batch_in_epoch = epoch + 1, 0
+            run.epoch, run.batch_in_epoch = run.epoch + 1, 0
             seconds = time.perf_counter() - started
-            if is_main and (epoch % config.eval.every == 0 or epoch == config.optim.epochs):
-                last_metrics = evaluate(model, shards_dir, config.data.val_split, device, amp_dtype,
-                                        batch_size=config.eval.batch_size, max_clips=config.eval.max_clips or None)
-                miou = last_metrics["overall"]["miou"]
-                with (run_dir / "metrics.jsonl").open("a") as metrics_log:
-                    metrics_log.write(json.dumps({"epoch": epoch, "step": step, "train_seconds": round(seconds, 2),
-                                                  "clips_per_second": round(clips / max(seconds, 1e-9), 2),
-                                                  "val": last_metrics}) + "\n")
-                log.info("epoch %d: val mIoU %.4f, F %.4f (%.1f clips/s)", epoch, miou,
-                         last_metrics["overall"]["f"], clips / max(seconds, 1e-9))
-                if miou > best_miou:
-                    best_miou = miou
-                    checkpoint(run_dir / "best.pt")
-            checkpoint(last_checkpoint)
-            if world_size > 1:
+            if dist.is_main and (run.epoch % config.eval.every == 0 or run.epoch == config.optim.epochs):
+                last_metrics = validate(session, shards_dir, run, run_dir, seconds, clips)
+            session.saver.save_last(run)
+            if dist.world_size > 1:
                 torch.distributed.barrier()  # the other ranks wait while rank 0 validates
-    if not (run_dir / "best.pt").exists():
-        checkpoint(run_dir / "best.pt")  # a run stopped before its first validation still leaves a usable model
-    if owns_process_group:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return {"best_miou": best_miou, "last": last_metrics, "steps": step, "model": model}
+    if not session.saver.best.exists():
+        session.saver.save_best(run)  # a run stopped before its first validation still leaves a usable model
+    end_distributed(dist)
+    return {"best_miou": run.best_metric, "last": last_metrics, "steps": run.step, "model": session.model}
 
 
-def model_from_checkpoint(state: dict) -> tuple[torch.nn.Module, Config]:
-    """Rebuild the model a checkpoint was trained with and load its weights."""
-    from avstrain.config import build_config
-
-    config = build_config(state["config"])
-    # Every tensor comes from the checkpoint: the ImageNet weight files it was trained from need not be at hand.
-    no_weight_files = dataclasses.replace(config, model=dataclasses.replace(
-        config.model, backbone_weights=None, crop_backbone_weights=None))
-    model = build_for_shards(no_weight_files, {"classes": state["classes"]})
-    model.load_state_dict(state["model"])
-    return model, config
+__all__ = ["Distributed", "NegativeAudio", "Session", "end_distributed", "init_distributed", "learning_rate",
+           "make_negatives", "make_optimizer", "metric_value", "seed_everything", "to_device", "train",
+           "train_one_epoch", "train_step", "training_dataset", "validate"]

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 from avsprep.errors import InputError
 from avsprep.shards import read_negatives
 from avstrain.data import ShardDataset
-from avstrain.evaluate import DonorPicker, autocast, read_split_table
+from avstrain.evaluate import DonorPicker, model_uses_audio, read_split_table
+from avstrain.runtime import autocast, eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -174,25 +175,16 @@ def write_overlays(model: nn.Module, shards_dir: str | Path, out: str | Path, cl
         silence = None
     classes = dataset.classes
     result = OverlayResult()
-    was_training = model.training
-    model.to(device).eval()
-    try:
+    model.to(device)
+    with eval_mode(model):
         for clip in dataset:
             if len(result.written) >= clips:
                 break
             name = clip["name"]
-            position = table.position[name]
             label, other = int(clip["label"]), int(clip.get("other_label", torch.tensor(-1)))
             target = clip["masks"].numpy().astype(bool)
             other_mask = clip["other_masks"].numpy().astype(bool) if "other_masks" in clip else None
-            conditions = [_Condition("own", f"own audio ({_class(classes, label)})", clip["audio"], target,
-                                     TARGET_RGB)]
-            donor = donors.swap(position, other) if other_mask is not None else None
-            if donor is not None:
-                conditions.append(_Condition("swap", f"{classes[other]} audio\n(clip {table.names[donor]})",
-                                             torch.from_numpy(table.audio[donor]), other_mask, OTHER_RGB))
-            if silence is not None and silence.shape[0] == clip["audio"].shape[0]:
-                conditions.append(_Condition("silence", "silence", silence, None, TARGET_RGB))
+            conditions = _conditions(clip, classes, table, donors, silence, target, other_mask)
             frames = clip["frames"][None].expand(len(conditions), -1, -1, -1, -1)
             audio = torch.stack([condition.audio for condition in conditions])  # [K,T,128]
             prediction = predict_with_heat(model, frames, audio, device, amp_dtype)
@@ -203,9 +195,21 @@ def write_overlays(model: nn.Module, shards_dir: str | Path, out: str | Path, cl
             result.conditions = [kind for kind in ("own", "swap", "silence") if kind in drawn]
             if progress:
                 progress(1)
-    finally:
-        model.train(was_training)
     return result
+
+
+def _conditions(clip: dict, classes: list[str], table, donors: DonorPicker, silence: Tensor | None,
+                target: np.ndarray, other_mask: np.ndarray | None) -> list[_Condition]:
+    """The kinds of audio a clip's grid shows: its own, the other visible object's (if a donor exists), silence."""
+    label, other = int(clip["label"]), int(clip.get("other_label", torch.tensor(-1)))
+    conditions = [_Condition("own", f"own audio ({_class(classes, label)})", clip["audio"], target, TARGET_RGB)]
+    donor = donors.swap(table.position[clip["name"]], other) if other_mask is not None else None
+    if donor is not None:
+        conditions.append(_Condition("swap", f"{classes[other]} audio\n(clip {table.names[donor]})",
+                                     torch.from_numpy(table.audio[donor]), other_mask, OTHER_RGB))
+    if silence is not None and silence.shape[0] == clip["audio"].shape[0]:
+        conditions.append(_Condition("silence", "silence", silence, None, TARGET_RGB))
+    return conditions
 
 
 def _class(classes: list[str], label: int) -> str:
@@ -326,11 +330,10 @@ def segment_video(model: nn.Module, video: str | Path, audio: str | Path | None,
     (WAV/FLAC/OGG, any rate) is required unless the model ignores audio (vision-only): OpenCV cannot read a
     video's sound track.
     """
-    from avsprep.audio import clip_examples
     from avsprep.crops import resize
 
     video, out = Path(video), Path(out)
-    uses_audio = bool(getattr(getattr(model, "config", None), "audio", True))
+    uses_audio = model_uses_audio(model)
     if audio is None and uses_audio:
         raise InputError(video, "no --audio given: OpenCV cannot read a video's sound track; extract it first, "
                                 "e.g. `ffmpeg -i VIDEO -ac 1 -ar 16000 audio.wav`, and pass --audio audio.wav")
@@ -338,46 +341,59 @@ def segment_video(model: nn.Module, video: str | Path, audio: str | Path | None,
     n = len(frames)
     size = image_size or model.config.image_size
     inputs = torch.from_numpy(np.stack([resize(frame, size) for frame in frames]))  # [n,S,S,3]
-    padded, name = 0, "none"
-    if audio is not None and uses_audio:
-        examples, padded = clip_examples(audio, n)  # [n,96,64]
-        embeddings = torch.from_numpy(embedder.embed(examples)).float()  # [n,128]
-        name = embedder.name
-        if padded:
-            log.warning("%s: audio is %d s shorter than the %d s of video; its last second is repeated",
-                        audio, padded, n)
-    else:
-        embeddings = torch.zeros(n, 128)
+    embeddings, padded, name = _video_audio(audio if uses_audio else None, embedder, n)  # [n,128]
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
     masks, overlays = [], []
-    was_training = model.training
-    model.to(device).eval()
-    try:
+    model.to(device)
+    with eval_mode(model):
         for w, start in enumerate(range(0, n, frames_per_clip), start=1):
             stop = min(n, start + frames_per_clip)
             prediction = predict_with_heat(model, inputs[None, start:stop], embeddings[None, start:stop], device,
                                            amp_dtype)
             predicted = prediction.probabilities[0].numpy() > 0.5  # [t,S,S]
-            for t, k in enumerate(range(start, stop)):
-                height, width = frames[k].shape[:2]
-                mask = cv2.resize(predicted[t].astype(np.uint8) * 255, (width, height),
-                                  interpolation=cv2.INTER_NEAREST)
-                path = out / f"{video.stem}_{k + 1}.png"
-                cv2.imwrite(str(path), mask)
-                masks.append(path)
-            window = inputs[start:stop].numpy()
-            rows = [("frame", list(window)),
-                    ("prediction", [mask_overlay(window[t], predicted[t]) for t in range(stop - start)])]
-            if prediction.heat is not None:
-                heat = prediction.heat[0].numpy()
-                low, high = np.percentile(heat, 1), np.percentile(heat, 99)
-                rows.append(("heat map", [heat_overlay(window[t], heat[t], low, high) for t in range(stop - start)]))
+            masks += _write_video_masks(predicted, frames[start:stop], out, video.stem, first=start + 1)
             title = f"{video.name}, seconds {start + 1}-{stop}" + ("" if uses_audio else " (vision-only model)")
-            overlays.append(draw_grid(rows, title, out / f"{video.stem}_overlay_{w}.png"))
-    finally:
-        model.train(was_training)
+            overlays.append(_window_grid(inputs[start:stop].numpy(), predicted, prediction, title,
+                                         out / f"{video.stem}_overlay_{w}.png"))
     return VideoResult(masks=masks, overlays=overlays, seconds=n, fps=fps, audio_padded=padded, embedder=name)
+
+
+def _video_audio(audio: str | Path | None, embedder, seconds: int) -> tuple[Tensor, int, str]:
+    """(embeddings [seconds,128], seconds of audio padded, the embedder's name); zeros when no audio is used."""
+    from avsprep.audio import clip_examples
+
+    if audio is None:
+        return torch.zeros(seconds, 128), 0, "none"
+    examples, padded = clip_examples(audio, seconds)  # [n,96,64]
+    if padded:
+        log.warning("%s: audio is %d s shorter than the %d s of video; its last second is repeated",
+                    audio, padded, seconds)
+    return torch.from_numpy(embedder.embed(examples)).float(), padded, embedder.name
+
+
+def _write_video_masks(predicted: np.ndarray, frames: list[np.ndarray], out: Path, stem: str, first: int
+                       ) -> list[Path]:
+    """predicted [t,S,S] bool as 0/255 PNGs at each frame's own resolution, `<stem>_<first + i>.png`."""
+    paths = []
+    for t, frame in enumerate(frames):
+        height, width = frame.shape[:2]
+        mask = cv2.resize(predicted[t].astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_NEAREST)
+        path = out / f"{stem}_{first + t}.png"
+        cv2.imwrite(str(path), mask)
+        paths.append(path)
+    return paths
+
+
+def _window_grid(window: np.ndarray, predicted: np.ndarray, prediction: Prediction, title: str, path: Path) -> Path:
+    """Frame, prediction and (with TPAVI) heat-map rows of one window: window [t,S,S,3], predicted [t,S,S]."""
+    rows = [("frame", list(window)),
+            ("prediction", [mask_overlay(frame, mask) for frame, mask in zip(window, predicted)])]
+    if prediction.heat is not None:
+        heat = prediction.heat[0].numpy()
+        low, high = np.percentile(heat, 1), np.percentile(heat, 99)
+        rows.append(("heat map", [heat_overlay(window[t], heat[t], low, high) for t in range(len(window))]))
+    return draw_grid(rows, title, path)
 
 
 __all__ = ["OverlayResult", "Prediction", "VideoResult", "choose_embedder", "draw_grid", "heat_overlay",

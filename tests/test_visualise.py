@@ -182,7 +182,7 @@ def test_heat_map_is_the_finest_tpavi_score_and_depends_on_audio(shards, runs):
     import torch.nn.functional as F
 
     from avstrain.data import ShardDataset
-    from avstrain.train import load_checkpoint, model_from_checkpoint
+    from avstrain.checkpoint import load_checkpoint, model_from_checkpoint
     from avstrain.visualise import predict_with_heat
 
     model, _ = model_from_checkpoint(load_checkpoint(runs["crops"] / "best.pt"))

@@ -33,7 +33,8 @@ import torch
 
 from avstrain.config import load_config
 from avstrain.evaluate import reliance_suite
-from avstrain.train import load_checkpoint, model_from_checkpoint, resolve_amp, train
+from avstrain.runtime import load_for_inference
+from avstrain.train import train
 
 # The ablation schedule (overridable with --set): see the module docstring.
 SCHEDULE = ["model.image_size=32", "optim.epochs=8", "train.negatives_from_epoch=4", "train.workers=0"]
@@ -58,9 +59,8 @@ def run_variant(name: str, seed: int, args) -> dict:
     config = load_config(args.config, overrides)
     start = time.perf_counter()
     train(config, args.shards, run_dir, resume=True)
-    model, config = model_from_checkpoint(load_checkpoint(run_dir / "best.pt"))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    results = reliance_suite(model, args.shards, "test", device, resolve_amp(config.train.amp, device),
+    model, config, runtime = load_for_inference(run_dir / "best.pt")
+    results = reliance_suite(model, args.shards, "test", runtime.device, runtime.amp_dtype,
                              batch_size=config.eval.batch_size)
     results["seconds"] = time.perf_counter() - start
     results_file.write_text(json.dumps(results, indent=1) + "\n")

@@ -13,11 +13,12 @@ with batch 2 and a DataLoader of 2 workers:
 - **avstrain default**: the same with what `avstrain train` does by default on a CPU with native bf16: bf16
   autocast (`resolve_amp`) and channels-last 2-D convolutions (`to_channels_last`).
 
-The step is the body of `avstrain.train.train`, built from its own functions: `build_for_shards`, `_to_device`,
-`autocast`, `compute_loss`, Adam over the trainable parameters, zero_grad / backward / step. Each row builds its model
-with the same seed; the rows take `--warmup` untimed steps, then `--steps` timed steps, in turn (so that other load
-on the machine falls on all of them alike), timed part by part: waiting for the loader (and moving the batch),
-VGGish, forward + loss, backward, optimiser.
+Every row takes the trainer's own step, `avstrain.train.train_step` (forward and loss under autocast, backward, Adam),
+on a batch moved by `avstrain.train.to_device`, with the trainer's model (`build_for_shards`), optimiser
+(`make_optimizer`) and, for the avstrain rows, data (`training_dataset`). Each row builds its model with the same
+seed; the rows take `--warmup` untimed steps, then `--steps` timed steps, in turn (so that other load on the machine
+falls on all of them alike), timed part by part (`train_step`'s timer): waiting for the loader (and moving the
+batch), VGGish, forward + loss, backward, optimiser.
 
 Targets: avstrain fp32 >= 1.3x the reference-style step; avstrain default >= 3x. Exits with status 1 when missed.
 The CPU flags amx_bf16 / avx512_bf16 are printed: without AMX, bf16 matmuls run on AVX512-BF16 dot products only.
@@ -41,10 +42,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 from avsprep.vggish import VGGish  # noqa: E402
 from avstrain.config import load_config  # noqa: E402
-from avstrain.data import Augmentation, ShardDataset  # noqa: E402
-from avstrain.evaluate import autocast  # noqa: E402
-from avstrain.losses import compute_loss  # noqa: E402
-from avstrain.train import _to_device, build_for_shards, cpu_has_native_bf16, resolve_amp, to_channels_last  # noqa: E402
+from avstrain.models import build_for_shards, get_kind  # noqa: E402
+from avstrain.runtime import cpu_has_native_bf16, resolve_amp, to_channels_last  # noqa: E402
+from avstrain.train import make_optimizer, to_device, train_step, training_dataset  # noqa: E402
 from bench_loader import PerFileClips, cpu_model, prepare  # noqa: E402
 
 FP32_TARGET = 1.3
@@ -65,10 +65,11 @@ class Row:
     """One way of training: its model, optimiser and loader, stepped one step at a time."""
 
     def __init__(self, kind: str, config, data: Path):
-        self.kind, self.config = kind, config
+        self.config = config
         self.device = torch.device("cpu")
         manifest = json.loads((data / "shards" / "manifest.json").read_text())
         self.reference = kind == "reference"
+        self.model_kind = get_kind(config.model.kind)
         torch.manual_seed(config.train.seed)
         self.model = build_for_shards(config, manifest)
         if self.reference:
@@ -81,19 +82,15 @@ class Row:
         self.amp_dtype = resolve_amp(config.train.amp, self.device) if kind == "default" else None
         if kind == "default" and config.train.channels_last:
             to_channels_last(self.model)
-        self.optimizer = torch.optim.Adam([p for p in self.model.parameters() if p.requires_grad],
-                                          lr=config.optim.lr, weight_decay=config.optim.weight_decay)
+        self.optimizer = make_optimizer(self.model, config.optim)
         if self.reference:
             records = json.loads((data / "per_file.json").read_text())
             dataset = PerFileClips(records, config.model.image_size, with_crops=False)
             loader = DataLoader(dataset, batch_size=config.optim.batch_size, num_workers=config.train.workers,
                                 shuffle=True)
         else:
-            augmentation = Augmentation(config.data.flip, config.data.brightness, config.data.contrast) \
-                if config.data.augment else None
-            dataset = ShardDataset(data / "shards", config.data.train_split, shuffle=True, seed=config.train.seed,
-                                   buffer_size=config.data.buffer_size, augmentation=augmentation)
-            loader = DataLoader(dataset, batch_size=config.optim.batch_size, num_workers=config.train.workers)
+            loader = DataLoader(training_dataset(config, data / "shards"), batch_size=config.optim.batch_size,
+                                num_workers=config.train.workers)
         self.batches = iter(loader)
         self.model.train()
         self.totals, self.clips, self.steps = dict.fromkeys(PARTS, 0.0), 0, 0
@@ -113,22 +110,14 @@ class Row:
                       "label": None, "crop_valid": None}
             times.append(time.perf_counter())
             with torch.no_grad():
-                audio = self.vggish(log_mel.flatten(0, 1)).view(B, T, -1)  # [B,T,128], every step as the reference
+                inputs["audio"] = self.vggish(log_mel.flatten(0, 1)).view(B, T, -1)  # [B,T,128], as the reference
         else:
-            inputs = _to_device(next(self.batches), self.device, config.model.image_size, with_crops=False)
-            audio = inputs["audio"]
+            fields = self.model_kind.batch_fields(config)
+            inputs = to_device(next(self.batches), self.device, fields, config.model.image_size)
             times.append(time.perf_counter())
         times.append(time.perf_counter())
-        with autocast(self.device, self.amp_dtype):
-            output = self.model(inputs["frames"], audio)
-            losses = compute_loss(output, config.loss, inputs["masks"], inputs["mask_valid"], inputs["label"],
-                                  inputs["crop_valid"])
-        times.append(time.perf_counter())
-        self.optimizer.zero_grad(set_to_none=True)
-        losses.total.backward()
-        times.append(time.perf_counter())
-        self.optimizer.step()
-        times.append(time.perf_counter())
+        train_step(self.model, self.optimizer, inputs, config, self.device, self.amp_dtype, self.model_kind,
+                   timer=lambda phase: times.append(time.perf_counter()))
         for part, begin, end in zip(PARTS, times, times[1:]):
             self.totals[part] += end - begin
         self.clips += inputs["frames"].shape[0]

@@ -1,14 +1,23 @@
-"""The TPAVI AVS model, its backbones, crop encoder and AVSBench checkpoint compatibility."""
+"""The model registry (`build_model` dispatches on `model.kind`) and the models registered in it.
 
-from .avs import AVSModel, AVSOutput, DilatedNeck, FeatureFusionBlock, ResidualConvUnit, build_model
+Each model family lives in its own file and registers a `ModelKind` (`@register_model(...)`); importing this
+package registers them all. Today: `tpavi_avs` ("tpavi", the AVSBench TPAVI model, with its backbones, crop encoder
+and AVSBench checkpoint compatibility).
+"""
+
 from .avsbench_compat import (AVSBenchCheckpointError, convert_avsbench_state_dict, load_avsbench_checkpoint,
                               map_avsbench_key)
 from .backbones import Backbone, PVTv2Backbone, ResNetBackbone, build_backbone
 from .crop_encoder import CropEncoder, CropOutput
+from .registry import (ModelKind, build_for_shards, build_model, get_kind, register_model, registered_kinds,
+                       resolve_kind_settings)
 from .tpavi import TPAVI, TPAVIOutput, tpavi_naive
+from .tpavi_avs import AVSModel, AVSOutput, DilatedNeck, FeatureFusionBlock, ResidualConvUnit, TPAVIKind
 
 __all__ = [
-    "AVSModel", "AVSOutput", "build_model", "DilatedNeck", "FeatureFusionBlock", "ResidualConvUnit",
+    "ModelKind", "build_for_shards", "build_model", "get_kind", "register_model", "registered_kinds",
+    "resolve_kind_settings",
+    "AVSModel", "AVSOutput", "TPAVIKind", "DilatedNeck", "FeatureFusionBlock", "ResidualConvUnit",
     "AVSBenchCheckpointError", "convert_avsbench_state_dict", "load_avsbench_checkpoint", "map_avsbench_key",
     "Backbone", "PVTv2Backbone", "ResNetBackbone", "build_backbone",
     "CropEncoder", "CropOutput",

@@ -1,12 +1,16 @@
-"""The TPAVI audio-visual segmentation model (AVSBench, Zhou et al. ECCV 2022), DESIGN §6.
+"""The TPAVI audio-visual segmentation model (AVSBench, Zhou et al. ECCV 2022), DESIGN §6, registered as
+``model.kind = "tpavi"``.
 
 backbone (4 stages) -> four-dilation necks to C -> TPAVI at chosen stages -> fusion decoder from stride 32 up -> head.
 Numerically it is the reference model, including the side effect of its in-place ReLUs (see ``FeatureFusionBlock``);
-``load_avsbench_checkpoint`` maps the official checkpoints onto it.
+``load_avsbench_checkpoint`` maps the official checkpoints onto it. ``TPAVIKind`` (at the end) tells the training
+loop what it needs: mask BCE, AVM and the crop losses, batches of frames, masks and audio, best.pt by validation mIoU,
+the default and the audio-reliance evaluation suites.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -14,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..config import ModelConfig
+from ..config import Config, ConfigError, LossConfig, ModelConfig
+from ..losses import LossOutput, compute_loss
 from .backbones import Backbone, build_backbone
 from .crop_encoder import CropEncoder
+from .registry import ModelKind, register_model
 from .tpavi import TPAVI
 
 log = logging.getLogger(__name__)
@@ -191,8 +197,29 @@ class AVSModel(nn.Module):
                 output.crop_audio = self.crop_encoder.project_audio(audio)
         return output
 
+    @property
+    def crop_embedding_source(self) -> str:
+        """Which network `embed_crops` uses, in words."""
+        if self.crop_encoder is None:
+            return "segmentation backbone, pooled last stage (no crop encoder)"
+        shared = self.crop_encoder.trunk is None
+        return "crop encoder on the segmentation backbone (shared)" if shared else "crop encoder (separate)"
 
-def build_model(config: ModelConfig) -> AVSModel:
+    def embed_crops(self, crops: Tensor) -> Tensor:
+        """crops [N, 3, h, w] (uint8, or float in 0..1) -> embeddings [N, E].
+
+        The crop encoder's embedding (Linear after its pooled trunk: its own in ``separate`` mode, the segmentation
+        backbone in ``shared`` mode); without a crop encoder, the segmentation backbone's last stage, globally
+        average-pooled (E = channels of stage 4).
+        """
+        x = self.normalize(crops)
+        if self.crop_encoder is None:
+            return self.backbone(x)[-1].mean(dim=(2, 3))  # [N, C4]
+        shared = self.backbone if self.crop_encoder.trunk is None else None
+        return self.crop_encoder(x, shared_trunk=shared).embedding  # [N, E]
+
+
+def build_tpavi(config: ModelConfig) -> AVSModel:
     """Build the AVS model of ``config``, loading local backbone weights where the config names them."""
     backbone = build_backbone(config.backbone, config.backbone_weights)
     crop_encoder = None
@@ -209,3 +236,48 @@ def build_model(config: ModelConfig) -> AVSModel:
              config.channels, model.tpavi_stages, config.crop_mode,
              sum(p.numel() for p in model.parameters()) / 1e6)
     return model
+
+
+def uses_crops(config: Config) -> bool:
+    """Whether training feeds crops: a crop encoder and at least one crop loss."""
+    loss = config.loss
+    return config.model.crop_mode != "off" and bool(loss.crop_cls or loss.crop_temporal or loss.crop_audio)
+
+
+@register_model("tpavi")
+class TPAVIKind(ModelKind):
+    """The TPAVI segmentation model: masks from frames and audio, optionally a crop encoder with its losses."""
+
+    options = ("backbone", "backbone_weights", "channels", "image_size", "tpavi_stages", "audio", "audio_dim",
+               "crop_mode", "crop_backbone", "crop_backbone_weights", "crop_embed_dim", "num_classes")
+    losses = {"bce": 1.0, "avm": 0.0, "crop_cls": 0.0, "crop_temporal": 0.0, "crop_audio": 0.0}
+    best_metric = "overall.miou"
+
+    def build(self, config: ModelConfig) -> AVSModel:
+        return build_tpavi(config)
+
+    def for_shards(self, config: Config, manifest: dict) -> ModelConfig:
+        """The crop classifier sized to the shards' class map (no classifier without a crop encoder)."""
+        if config.loss.crop_cls > 0 and not manifest["classes"]:
+            raise ConfigError("loss.crop_cls > 0 needs class labels, and these shards have none "
+                              "(AVSBench MS3 has no classes): set loss.crop_cls=0")
+        classes = len(manifest["classes"]) if config.model.crop_mode != "off" else 0
+        return dataclasses.replace(config.model, num_classes=classes)
+
+    def batch_fields(self, config: Config) -> tuple[str, ...]:
+        fields = ("frames", "masks", "audio", "mask_valid", "crop_valid", "label")
+        return (*fields, "crops") if uses_crops(config) else fields
+
+    def forward(self, network: nn.Module, batch: dict) -> AVSOutput:
+        return network(batch["frames"], batch["audio"], batch.get("crops"))
+
+    def compute_loss(self, output: AVSOutput, batch: dict, config: LossConfig) -> LossOutput:
+        return compute_loss(output, config, batch["masks"], batch["mask_valid"], batch["label"], batch["crop_valid"])
+
+    def find_unused_parameters(self, config: Config) -> bool:
+        return config.model.crop_mode != "off" and not uses_crops(config)  # a crop encoder that gets no crops
+
+    def suites(self) -> dict:
+        from avstrain.evaluate import evaluate, reliance_suite  # evaluate -> runtime -> checkpoint -> models
+
+        return {"default": evaluate, "reliance": reliance_suite}
