@@ -75,12 +75,24 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     x = step_epochs(steps)
     epochs = math.ceil(x.max())
-    window = max(1, len(steps) // max(1, epochs) // 2)
-    parts = [key for key in steps[0] if key not in NOT_LOSSES and isinstance(steps[0][key], (int, float))]
-    parts = ["loss"] + [p for p in parts if p != "loss"] if "loss" in parts else parts
-
     fig, (ax_loss, ax_lr, ax_val) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [2, 1, 2]})
     cmap = plt.get_cmap("tab10")
+    _plot_losses(ax_loss, steps, x, window=max(1, len(steps) // max(1, epochs) // 2), cmap=cmap)
+    _plot_learning_rate(ax_lr, steps, x)
+    _plot_validation(ax_val, metrics, epochs, cmap)
+    fig.suptitle(run_dir.name, fontsize=11)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    log.info("wrote %s", out)
+    return out
+
+
+def _plot_losses(ax, steps: list[dict], x: np.ndarray, window: int, cmap) -> None:
+    """Every loss part per step: raw in pale, the trailing mean over `window` steps bold; log scale if all > 0."""
+    parts = [key for key in steps[0] if key not in NOT_LOSSES and isinstance(steps[0][key], (int, float))]
+    parts = ["loss"] + [p for p in parts if p != "loss"] if "loss" in parts else parts
     positive = True
     for i, part in enumerate(parts):
         values = np.array([float(s.get(part, np.nan)) for s in steps])
@@ -89,50 +101,48 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
             continue
         positive &= bool((values[ok] > 0).all())
         colour = cmap(i % 10)
-        ax_loss.plot(x[ok], values[ok], color=colour, alpha=0.2, linewidth=0.7)
-        ax_loss.plot(x[ok], _smooth(values[ok], window), color=colour, linewidth=1.6,
-                     label=part + (" (total)" if part == "loss" and len(parts) > 1 else ""))
+        ax.plot(x[ok], values[ok], color=colour, alpha=0.2, linewidth=0.7)
+        ax.plot(x[ok], _smooth(values[ok], window), color=colour, linewidth=1.6,
+                label=part + (" (total)" if part == "loss" and len(parts) > 1 else ""))
     if positive:
-        ax_loss.set_yscale("log")
-    ax_loss.set_title(f"training loss parts ({len(steps)} steps; lines: mean of {window} steps)", fontsize=10)
-    ax_loss.set_xlabel("epoch")
-    ax_loss.legend(fontsize=8)
-    ax_loss.grid(alpha=0.3)
+        ax.set_yscale("log")
+    ax.set_title(f"training loss parts ({len(steps)} steps; lines: mean of {window} steps)", fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
 
+
+def _plot_learning_rate(ax, steps: list[dict], x: np.ndarray) -> None:
     lr = np.array([float(s.get("lr", np.nan)) for s in steps])
-    ax_lr.plot(x, lr, color="black", linewidth=1.2)
-    ax_lr.set_title("learning rate", fontsize=10)
-    ax_lr.set_xlabel("epoch")
-    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    ax_lr.grid(alpha=0.3)
+    ax.plot(x, lr, color="black", linewidth=1.2)
+    ax.set_title("learning rate", fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
+    ax.grid(alpha=0.3)
 
+
+def _plot_validation(ax, metrics: list[dict], epochs: int, cmap) -> None:
+    """Validation mIoU, F and F_avsbench per validated epoch, the best mIoU's epoch marked."""
     if metrics:
         validated = [m["epoch"] for m in metrics]
         for i, key in enumerate(VALIDATION):
             values = [m.get("val", {}).get("overall", {}).get(key) for m in metrics]
             if any(v is not None for v in values):
-                ax_val.plot(validated, [np.nan if v is None else v for v in values], marker="o", markersize=3,
-                            color=cmap(i), label=key)
+                ax.plot(validated, [np.nan if v is None else v for v in values], marker="o", markersize=3,
+                        color=cmap(i), label=key)
         best = max(metrics, key=lambda m: m.get("val", {}).get("overall", {}).get("miou", -1))
         best_miou = best.get("val", {}).get("overall", {}).get("miou")
         if best_miou is not None:
-            ax_val.axvline(best["epoch"], color="grey", linestyle=":", linewidth=1)
-            ax_val.set_title(f"validation (best mIoU {best_miou:.3f} at epoch {best['epoch']})", fontsize=10)
-        ax_val.set_ylim(0, 1)
-        ax_val.legend(fontsize=8, loc="lower right")
+            ax.axvline(best["epoch"], color="grey", linestyle=":", linewidth=1)
+            ax.set_title(f"validation (best mIoU {best_miou:.3f} at epoch {best['epoch']})", fontsize=10)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=8, loc="lower right")
     else:
-        ax_val.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=ax_val.transAxes)
-        ax_val.set_title("validation", fontsize=10)
-    ax_val.set_xlabel("epoch")
-    ax_val.set_xlim(0, max(epochs, 1) + 0.2)
-    ax_val.grid(alpha=0.3)
-    fig.suptitle(run_dir.name, fontsize=11)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    log.info("wrote %s", out)
-    return out
+        ax.text(0.5, 0.5, "no validation logged yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title("validation", fontsize=10)
+    ax.set_xlabel("epoch")
+    ax.set_xlim(0, max(epochs, 1) + 0.2)
+    ax.grid(alpha=0.3)
 
 
 __all__ = ["plot_run", "read_jsonl", "step_epochs"]
