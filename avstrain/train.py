@@ -169,11 +169,15 @@ def make_negatives(config: Config, shards_dir: Path, generator: torch.Generator)
 
 def to_device(batch: dict, device: torch.device, fields: tuple[str, ...], image_size: int) -> dict:
     """The batch's `fields` on the device in the model's layout: frames and crops [B,T,3,S,S], still uint8 unless
-    frames and masks need resizing to `image_size` (then float, frames in 0..1)."""
+    frames and masks need resizing to `image_size` (then float, frames in 0..1); masks float. A field the batch
+    lacks is left out (`other_label` of shards without other masks); values that are not tensors (`name`, a list of
+    strings) pass as they are."""
     non_blocking = device.type == "cuda"
     out = {}
-    for key in fields:
-        value = batch[key].to(device, non_blocking=non_blocking)
+    for key in (key for key in fields if key in batch):
+        value = batch[key]
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=non_blocking)
         out[key] = value.permute(0, 1, 4, 2, 3) if key in IMAGE_FIELDS else value  # [B,T,3,S,S]
     if "masks" in out:
         out["masks"] = out["masks"].float()  # [B,T,S,S]
