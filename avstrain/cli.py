@@ -35,6 +35,7 @@ def main(verbose: bool) -> None:
 def train(config_path, shards, name, runs, overrides, resume):
     """Train the model; writes config.toml, steps.jsonl, metrics.jsonl, last.pt, best.pt."""
     from avstrain.config import load_config
+    from avstrain.models import get_kind
     from avstrain.train import train as run_training
 
     config = load_config(config_path, list(overrides))
@@ -43,7 +44,8 @@ def train(config_path, shards, name, runs, overrides, resume):
     with progress(f"training {run_dir.name}", show=show) as advance:
         result = run_training(config, shards, run_dir, resume=resume, progress=advance)
     if show:
-        best = f"best val mIoU {result['best_miou']:.4f}" if result["best_miou"] >= 0 else "not validated yet"
+        metric = get_kind(config.model.kind).best_metric
+        best = f"best val {metric} {result['best_metric']:.4f}" if result["best_metric"] >= 0 else "not validated yet"
         click.echo(f"{result['steps']} steps; {best}; run folder {run_dir}")
 
 

@@ -371,8 +371,8 @@ def _running(config: Config, run: RunState) -> bool:
 
 def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: bool = False,
           progress: Progress | None = None) -> dict:
-    """Train per `config` on the shards; returns {"best_miou": the best value of the kind's validation metric (-1:
-    not validated yet), "last": last validation results, "steps", "model"}.
+    """Train per `config` on the shards; returns {"best_metric": the best value of the kind's validation metric
+    (tpavi: mIoU; -1: not validated yet), "last": last validation results, "steps", "model"}.
 
     `progress(n, total_steps)` is called with the steps done so far, then after each step. Under `torchrun`
     (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, each rank streams its own block of clips, and
@@ -406,7 +406,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     if not session.saver.best.exists():
         session.saver.save_best(run)  # a run stopped before its first validation still leaves a usable model
     end_distributed(dist)
-    return {"best_miou": run.best_metric, "last": last_metrics, "steps": run.step, "model": session.model}
+    return {"best_metric": run.best_metric, "last": last_metrics, "steps": run.step, "model": session.model}
 
 
 __all__ = ["Distributed", "NegativeAudio", "Session", "end_distributed", "init_distributed", "learning_rate",
