@@ -31,8 +31,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from avsprep.annotations import FrameAnnotation, find_annotation_files, parse_voc
-from avsprep.clips import SPLITS, ClipSource, Discovery, FrameSource, SourceOptions, given_classes
+from avsprep.annotations import find_annotation_files
+from avsprep.clips import (
+    SPLITS,
+    ClipSource,
+    Discovery,
+    FrameSource,
+    check_known_classes,
+    given_classes,
+    read_voc_folder,
+)
 from avsprep.crops import CropsConfig, CropsResult, run_crops
 from avsprep.errors import InputError
 
@@ -167,6 +175,56 @@ def _mask_expected(layout: AvsbenchLayout, split: str, k: int) -> bool:
     return not (layout.subset == "s4" and split == "train" and k > 1)
 
 
+def _clip_from_row(layout: AvsbenchLayout, row: MetaRow, frames_per_clip: int) -> ClipSource:
+    """One CSV row's clip: frames 1..T, their masks where the download has them, the WAV. InputError for a
+    missing frame or WAV."""
+    frames, missing_masks = [], 0
+    for k in range(1, frames_per_clip + 1):
+        image, mask = _clip_paths(layout, row, k)
+        if not image.is_file():
+            raise InputError(image, f"frame {k} of clip {row.name!r} not found")
+        has_mask = mask.is_file()
+        missing_masks += not has_mask and _mask_expected(layout, row.split, k)
+        frames.append(FrameSource(index=k, image=image, mask=mask if has_mask else None))
+    audio = _audio_path(layout, row)
+    if not audio.is_file():
+        raise InputError(audio, f"audio of clip {row.name!r} not found")
+    return ClipSource(name=row.name, frames=frames, split=row.split, audio=audio, category=row.category,
+                      report={"masks_missing": missing_masks})
+
+
+def _attach_voc(root: Path, frames: dict[str, tuple[str, FrameSource]],
+                problems: dict[str, InputError]) -> list[Path]:
+    """Give each frame its VOC annotation, matched by `<filename>`; returns the files that name no frame."""
+    clip_of_stem = {Path(name).stem: clip for name, (clip, _) in frames.items()}
+    unmatched = []
+    for xml_file, annotation in read_voc_folder(root):
+        if isinstance(annotation, InputError):
+            problems.setdefault(clip_of_stem.get(xml_file.stem, xml_file.stem), annotation)
+        elif annotation.filename not in frames:
+            unmatched.append(xml_file)
+        else:
+            clip, frame = frames[annotation.filename]
+            if frame.annotation is not None:
+                problems.setdefault(clip, InputError(
+                    xml_file, f"frame {annotation.filename!r} is also annotated by {frame.annotation.source}"))
+            else:
+                frame.annotation = annotation
+    return unmatched
+
+
+def _attach_yolo(root: Path, frames: dict[str, tuple[str, FrameSource]]) -> list[Path]:
+    """Give each frame its YOLO label file, matched by stem; returns the files that name no frame."""
+    by_stem = {Path(name).stem: frame for name, (_, frame) in frames.items()}
+    unmatched = []
+    for txt in find_annotation_files(root, ".txt"):
+        if txt.stem in by_stem:
+            by_stem[txt.stem].yolo_file = txt
+        else:
+            unmatched.append(txt)
+    return unmatched
+
+
 def discover_avsbench(options: AvsbenchOptions) -> AvsbenchDiscovery:
     """Every clip of the subset's CSV with its frames, masks, audio and boxes. Problems that belong to one clip (a
     missing frame or WAV, a malformed label file) are collected per clip; a missing root, CSV or folder raises."""
@@ -176,59 +234,19 @@ def discover_avsbench(options: AvsbenchOptions) -> AvsbenchDiscovery:
         raise InputError(None, "--frames-per-clip must be at least 1")
     layout = locate(options.root, options.subset)
     rows = read_meta_rows(layout.meta, options.subset)
-    T = options.frames_per_clip
     problems: dict[str, InputError] = {}
     clips: dict[str, ClipSource] = {}
-    frame_of: dict[str, FrameSource] = {}  # frame file name -> its FrameSource (annotations match by name)
-    clip_of: dict[str, str] = {}  # frame file name -> clip name
     for row in rows:
-        frames, missing_masks = [], 0
-        for k in range(1, T + 1):
-            image, mask = _clip_paths(layout, row, k)
-            if not image.is_file():
-                problems.setdefault(row.name, InputError(image, f"frame {k} of clip {row.name!r} not found"))
-                break
-            has_mask = mask.is_file()
-            missing_masks += not has_mask and _mask_expected(layout, row.split, k)
-            frames.append(FrameSource(index=k, image=image, mask=mask if has_mask else None))
-        audio = _audio_path(layout, row)
-        if row.name not in problems and not audio.is_file():
-            problems[row.name] = InputError(audio, f"audio of clip {row.name!r} not found")
-        if row.name in problems:
-            continue
-        for frame in frames:
-            frame_of[frame.image.name] = frame
-            clip_of[frame.image.name] = row.name
-        clips[row.name] = ClipSource(name=row.name, frames=frames, split=row.split, audio=audio,
-                                     category=row.category, report={"masks_missing": missing_masks})
-
-    annotation_names: set[str] = set()
-    unmatched: list[Path] = []
-    by_stem = {Path(name).stem: name for name in frame_of}
+        try:
+            clips[row.name] = _clip_from_row(layout, row, options.frames_per_clip)
+        except InputError as error:
+            problems[row.name] = error
+    frames = {frame.image.name: (clip.name, frame) for clip in clips.values() for frame in clip.frames}
+    unmatched = []
     if options.voc is not None:
-        for xml_file in find_annotation_files(options.voc, ".xml"):
-            try:
-                annotation: FrameAnnotation = parse_voc(xml_file)
-            except InputError as error:
-                problems.setdefault(clip_of.get(by_stem.get(xml_file.stem, ""), xml_file.stem), error)
-                continue
-            frame = frame_of.get(annotation.filename)
-            if frame is None:
-                unmatched.append(xml_file)
-                continue
-            if frame.annotation is not None:
-                problems.setdefault(clip_of[annotation.filename], InputError(
-                    xml_file, f"frame {annotation.filename!r} is also annotated by {frame.annotation.source}"))
-                continue
-            frame.annotation = annotation
-            annotation_names.update(box.name for box in annotation.boxes)
+        unmatched = _attach_voc(options.voc, frames, problems)
     elif options.yolo is not None:
-        for txt in find_annotation_files(options.yolo, ".txt"):
-            name = by_stem.get(txt.stem)
-            if name is None:
-                unmatched.append(txt)
-            else:
-                frame_of[name].yolo_file = txt
+        unmatched = _attach_yolo(options.yolo, frames)
     if unmatched:
         log.warning("%d label files name no frame of %s (first: %s)", len(unmatched), layout.meta, unmatched[0])
 
@@ -236,21 +254,15 @@ def discover_avsbench(options: AvsbenchOptions) -> AvsbenchDiscovery:
     if classes is None:
         # Every category of the CSV, not only of the usable clips: the class map must not depend on which clips
         # had problems, so that runs over parts of the data agree on label numbers.
-        classes = sorted({row.category for row in rows if row.category} | annotation_names)
-    known = set(classes)
-    for clip in clips.values():
-        for frame in clip.frames:
-            boxes = frame.annotation.boxes if frame.annotation else []
-            unknown = [box.name for box in boxes if box.name not in known]
-            if unknown:
-                problems.setdefault(clip.name, InputError(frame.annotation.source,
-                                                          f"class {unknown[0]!r} is not in the class list"))
-                break
+        annotated = {box.name for _, frame in frames.values() if frame.annotation for box in frame.annotation.boxes}
+        classes = sorted({row.category for row in rows if row.category} | annotated)
+    check_known_classes(clips.values(), classes, problems)
     usable = [clips[name] for name in sorted(clips) if name not in problems]
     log.info("AVSBench %s: %d clips in %s, %d usable, %d classes", options.subset, len(rows), layout.meta,
              len(usable), len(classes))
-    return AvsbenchDiscovery(clips=usable, classes=classes, problems=dict(sorted(problems.items())), layout=layout,
-                             unmatched_annotations=unmatched)
+    return AvsbenchDiscovery(clips=usable, classes=classes, problems=dict(sorted(problems.items())),
+                             frames_per_clip=options.frames_per_clip, has_audio=True, has_other_masks=False,
+                             source=layout.meta, layout=layout, unmatched_annotations=unmatched)
 
 
 @dataclass
@@ -270,10 +282,5 @@ def run_avsbench(options: AvsbenchOptions, config: CropsConfig,
     0.96 s example as the reference does).
     """
     found = discover_avsbench(options)
-    layout = found.layout
-    sources = SourceOptions(voc=options.voc, yolo=options.yolo, images=layout.frames, masks=layout.masks,
-                            audio=layout.audio, meta=layout.meta, classes=options.classes,
-                            frames_per_clip=options.frames_per_clip)
-    config = dataclasses.replace(config, boxes_from_masks=options.boxes_from_masks)
-    result = run_crops(sources, config, progress=progress, found=found)
-    return AvsbenchResult(crops=result, unmatched_annotations=found.unmatched_annotations, layout=layout)
+    result = run_crops(found, dataclasses.replace(config, boxes_from_masks=options.boxes_from_masks), progress)
+    return AvsbenchResult(crops=result, unmatched_annotations=found.unmatched_annotations, layout=found.layout)

@@ -145,12 +145,12 @@ def synth(**options):
 @shard_options
 def crops(**options):
     """Annotations + frames + masks + audio -> HDF5 shards and manifest.json."""
-    from avsprep.clips import SourceOptions
+    from avsprep.clips import SourceOptions, discover
     from avsprep.crops import CropsConfig, run_crops
 
     sources, config = from_options(options, SourceOptions, CropsConfig)
     with progress("clips") as advance:
-        result = run_crops(sources, config, progress=advance)
+        result = run_crops(discover(sources), config, progress=advance)
     echo_crops_result(result, config.out)
 
 

@@ -14,7 +14,8 @@ import logging
 import os
 import re
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from avsprep.errors import InputError
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
 
 @dataclass
@@ -84,11 +86,16 @@ class ClipSource:
 
 @dataclass
 class Discovery:
-    """All clips, sorted by name, the class map, and the per-clip problems found while looking."""
+    """What a reader found (`discover`, `avsprep.avsbench.discover_avsbench`), all `run_crops` needs besides the
+    shard settings: the clips sorted by name, the class map, the per-clip problems, and which inputs exist."""
 
     clips: list[ClipSource]
     classes: list[str]
     problems: dict[str, InputError]  # clip name -> first problem; such clips are not in `clips`
+    frames_per_clip: int
+    has_audio: bool
+    has_other_masks: bool
+    source: Path | None = None  # what was read, named when no clip is usable
 
 
 def clip_pattern_regex(pattern: str) -> re.Pattern:
@@ -155,13 +162,27 @@ def assign_splits(names: list[str], val_fraction: float, test_fraction: float, s
     return splits
 
 
-def _frame_key(stem: str, regex: re.Pattern, frames_per_clip: int) -> tuple[str, int] | None:
-    match = regex.match(stem)
-    if frames_per_clip == 1:
-        # Every image is a clip of its own: `<clip>_1` is clip <clip> (so its <clip>.wav and metadata row are
-        # found), any other name is a clip named by its stem (a plain image set).
-        return (match["clip"], 1) if match and int(match["k"]) == 1 else (stem, 1)
-    return (match["clip"], int(match["k"])) if match else None
+class ClipNaming:
+    """How frame stems name their clip and frame number: `--clip-pattern` and `--frames-per-clip`."""
+
+    def __init__(self, pattern: str, frames_per_clip: int):
+        self.pattern = pattern
+        self.frames_per_clip = frames_per_clip
+        self.regex = clip_pattern_regex(pattern)
+
+    def key(self, stem: str) -> tuple[str, int] | None:
+        """(clip, k) of a frame stem; None when the stem does not match the pattern."""
+        match = self.regex.match(stem)
+        if self.frames_per_clip == 1:
+            # Every image is a clip of its own: `<clip>_1` is clip <clip> (so its <clip>.wav and metadata row are
+            # found), any other name is a clip named by its stem (a plain image set).
+            return (match["clip"], 1) if match and int(match["k"]) == 1 else (stem, 1)
+        return (match["clip"], int(match["k"])) if match else None
+
+    def clip(self, stem: str) -> str:
+        """The clip a frame stem belongs to; the stem itself when it names none (a problem still needs a name)."""
+        key = self.key(stem)
+        return key[0] if key else stem
 
 
 def given_classes(classes_file: Path | None, yolo: Path | None) -> list[str] | None:
@@ -176,6 +197,19 @@ def given_classes(classes_file: Path | None, yolo: Path | None) -> list[str] | N
     return None
 
 
+def check_known_classes(clips: Iterable[ClipSource], classes: list[str], problems: dict[str, InputError]) -> None:
+    """Record, per clip, the first annotated box whose class is not in `classes` (every reader's last check)."""
+    known = set(classes)
+    for clip in clips:
+        for frame in clip.frames:
+            boxes = frame.annotation.boxes if frame.annotation else []
+            unknown = [box.name for box in boxes if box.name not in known]
+            if unknown:
+                problems.setdefault(clip.name, InputError(frame.annotation.source,
+                                                          f"class {unknown[0]!r} is not in the class list"))
+                break
+
+
 def _parse_voc_or_error(path: Path) -> FrameAnnotation | InputError:
     try:
         return parse_voc(path)
@@ -183,179 +217,227 @@ def _parse_voc_or_error(path: Path) -> FrameAnnotation | InputError:
         return error
 
 
-def discover(options: SourceOptions) -> Discovery:
-    """Find and group every clip's inputs. Raises InputError for problems that are not one clip's (a missing root)."""
-    if (options.voc is None) == (options.yolo is None):
-        raise InputError(None, "give exactly one of --voc DIR and --yolo DIR")
-    if options.frames_per_clip < 1:
-        raise InputError(None, "--frames-per-clip must be at least 1")
-    regex = clip_pattern_regex(options.clip_pattern)
-    problems: dict[str, InputError] = {}
-
-    def problem(clip: str, error: InputError) -> None:
-        problems.setdefault(clip, error)
-
-    def clip_of(stem: str) -> tuple[str, int] | None:
-        return _frame_key(stem, regex, options.frames_per_clip)
-
-    # Listing folders and reading many small annotation files waits on the file system far more than it computes
-    # (both release the GIL): threads overlap that waiting. Results are used in a fixed order below, so the
-    # outcome, including which error is reported first, does not depend on timing.
+def read_voc_folder(root: Path) -> list[tuple[Path, FrameAnnotation | InputError]]:
+    """Every VOC XML under `root` (sorted), parsed, or the InputError that parsing it raised."""
+    files = find_annotation_files(root, ".xml")
+    # Reading many small files waits on the file system far more than it computes (and lxml releases the GIL):
+    # threads overlap the waiting. map() keeps the order, so results do not depend on timing.
     with ThreadPoolExecutor(max_workers=8) as readers:
-        pending_index = {
-            name: readers.submit(index_files, root, suffixes, key)
-            for name, root, suffixes, key in (
-                ("images", options.images, IMAGE_SUFFIXES, "name"),
-                ("masks", options.masks, IMAGE_SUFFIXES, "stem"),
-                ("other_masks", options.other_masks, IMAGE_SUFFIXES, "stem"),
-                ("audio", options.audio, (".wav", ".flac", ".ogg"), "stem"),
-            ) if root
-        }
-        images = pending_index["images"].result() if options.images else None
-        xml_files = find_annotation_files(options.voc, ".xml") if options.voc is not None else []
-        parsed_voc = list(readers.map(_parse_voc_or_error, xml_files))
-        masks = pending_index["masks"].result() if options.masks else {}
-        other_masks = pending_index["other_masks"].result() if options.other_masks else {}
-        audio = pending_index["audio"].result() if options.audio else {}
+        return list(zip(files, readers.map(_parse_voc_or_error, files)))
 
-    # Annotations, keyed by the frame's file name.
-    annotations: dict[str, FrameAnnotation] = {}
-    yolo_files: dict[str, Path] = {}
-    frames: dict[str, Path] = {}  # frame file name -> image path
-    annotation_names: set[str] = set()
-    if options.voc is not None:
-        for xml_file, annotation in zip(xml_files, parsed_voc):
-            if isinstance(annotation, InputError):
-                key = clip_of(xml_file.stem)
-                problem(key[0] if key else xml_file.stem, annotation)
-                continue
-            if annotation.filename in annotations:
-                other = annotations[annotation.filename].source
-                problem((clip_of(annotation.stem) or (annotation.stem,))[0],
-                        InputError(xml_file, f"frame {annotation.filename!r} is also annotated by {other}"))
-                continue
-            annotations[annotation.filename] = annotation
-            annotation_names.update(box.name for box in annotation.boxes)
-            if images is None:
+
+# ----------------------------------------------------------------------------------------------------------------
+# The phases of `discover`: index the roots, frames from VOC / YOLO, group into clips, build each clip, classes.
+
+
+@dataclass
+class Annotated:
+    """What one annotation reader found: the "frames from X" phase of `discover`."""
+
+    annotations: dict[str, FrameAnnotation] = field(default_factory=dict)  # frame file name -> its boxes
+    yolo_files: dict[str, Path] = field(default_factory=dict)  # frame stem -> label file parsed with the image size
+    beside: dict[str, Path] = field(default_factory=dict)  # frame file name -> image found next to its annotation
+    problems: list[tuple[str, InputError]] = field(default_factory=list)  # (frame stem, problem), as found
+
+    @property
+    def class_names(self) -> set[str]:
+        return {box.name for annotation in self.annotations.values() for box in annotation.boxes}
+
+
+def frames_from_voc(options: SourceOptions) -> Annotated:
+    """labelImg Pascal VOC XML under `options.voc`, keyed by the frame's `<filename>`."""
+    found = Annotated()
+    for xml_file, annotation in read_voc_folder(options.voc):
+        if isinstance(annotation, InputError):
+            found.problems.append((xml_file.stem, annotation))
+        elif annotation.filename in found.annotations:
+            other = found.annotations[annotation.filename].source
+            found.problems.append((annotation.stem, InputError(
+                xml_file, f"frame {annotation.filename!r} is also annotated by {other}")))
+        else:
+            found.annotations[annotation.filename] = annotation
+            if options.images is None:
                 image = xml_file.parent / annotation.filename
                 if options.trust_xml_paths and annotation.xml_path and not image.is_file():
                     image = Path(annotation.xml_path)
-                frames[annotation.filename] = image
-    else:
-        txt_files = find_annotation_files(options.yolo, ".txt")
-        by_stem = {path.stem: path for path in txt_files}
-        if images is None:
-            for txt in txt_files:
-                candidates = [txt.with_suffix(s) for s in IMAGE_SUFFIXES if txt.with_suffix(s).is_file()]
-                if candidates:
-                    frames[candidates[0].name] = candidates[0]
-                else:
-                    problem((clip_of(txt.stem) or (txt.stem,))[0], InputError(txt, "no image with this stem beside it"))
-        else:
-            frames_by_stem = {Path(name).stem: name for name in images}
-            for stem, txt in by_stem.items():
-                if stem not in frames_by_stem:
-                    problem((clip_of(stem) or (stem,))[0], InputError(txt, f"no image named {stem}.* under {options.images}"))
-        yolo_files = by_stem
+                found.beside[annotation.filename] = image
+    return found
 
-    if images is not None:
-        frames = dict(images)
-        for filename, annotation in annotations.items():
-            if filename not in images:
-                problem((clip_of(annotation.stem) or (annotation.stem,))[0],
-                        InputError(annotation.source, f"frame {filename!r} not found under {options.images}"))
 
-    classes = given_classes(options.classes, options.yolo)  # None: sorted over annotations and metadata below
+def frames_from_yolo(options: SourceOptions) -> Annotated:
+    """labelImg YOLO txt under `options.yolo`, keyed by the frame's stem (parsed later: boxes need the image size)."""
+    found = Annotated()
+    for txt in find_annotation_files(options.yolo, ".txt"):
+        found.yolo_files[txt.stem] = txt
+        if options.images is None:  # looking for the image costs a stat per suffix: only when it is needed
+            image = next((txt.with_suffix(s) for s in IMAGE_SUFFIXES if txt.with_suffix(s).is_file()), None)
+            if image is None:
+                found.problems.append((txt.stem, InputError(txt, "no image with this stem beside it")))
+            else:
+                found.beside[image.name] = image
+    return found
 
-    meta = read_meta(options.meta) if options.meta else {}
 
-    # Group frames into clips.
+# One reader per annotation format, under the name of its SourceOptions field (`--<name>` on the command line).
+# A new format is one more function returning `Annotated` and one more SourceOptions field.
+ANNOTATION_READERS: dict[str, Callable[[SourceOptions], Annotated]] = {
+    "voc": frames_from_voc,
+    "yolo": frames_from_yolo,
+}
+
+
+def _annotation_reader(options: SourceOptions) -> Callable[[SourceOptions], Annotated]:
+    chosen = [name for name in ANNOTATION_READERS if getattr(options, name) is not None]
+    if len(chosen) != 1:
+        flags = [f"--{name.replace('_', '-')} DIR" for name in ANNOTATION_READERS]
+        raise InputError(None, f"give exactly one of {', '.join(flags[:-1])} and {flags[-1]}")
+    return ANNOTATION_READERS[chosen[0]]
+
+
+def _index_roots(options: SourceOptions, pool: ThreadPoolExecutor) -> dict[str, Future]:
+    """Start listing the frame, mask and audio roots the user named: name -> future of {file name or stem: path}."""
+    roots = (("images", options.images, IMAGE_SUFFIXES, "name"),
+             ("masks", options.masks, IMAGE_SUFFIXES, "stem"),
+             ("other_masks", options.other_masks, IMAGE_SUFFIXES, "stem"),
+             ("audio", options.audio, AUDIO_SUFFIXES, "stem"))
+    return {name: pool.submit(index_files, root, suffixes, key) for name, root, suffixes, key in roots if root}
+
+
+def _frames(annotated: Annotated, images: dict[str, Path] | None, options: SourceOptions) -> dict[str, Path]:
+    """Every frame by file name: the `--images` index, else the images found beside the annotations. Annotations
+    that name no frame of `--images` become problems."""
+    if images is None:
+        return annotated.beside
+    for filename, annotation in annotated.annotations.items():
+        if filename not in images:
+            annotated.problems.append((annotation.stem, InputError(
+                annotation.source, f"frame {filename!r} not found under {options.images}")))
+    stems = {Path(name).stem for name in images}
+    for stem, label_file in annotated.yolo_files.items():
+        if stem not in stems:
+            annotated.problems.append((stem, InputError(label_file, f"no image named {stem}.* under {options.images}")))
+    return dict(images)
+
+
+def _group_frames(frames: dict[str, Path], naming: ClipNaming,
+                  problems: dict[str, InputError]) -> dict[str, dict[int, Path]]:
+    """clip -> {k: image}, by frame file name order."""
     grouped: dict[str, dict[int, Path]] = defaultdict(dict)
     for filename, image in sorted(frames.items()):
         stem = Path(filename).stem
-        key = clip_of(stem)
+        key = naming.key(stem)
         if key is None:
-            problem(stem, InputError(image, f"frame name does not match --clip-pattern {options.clip_pattern!r}"))
+            problems.setdefault(stem, InputError(image, f"frame name does not match --clip-pattern {naming.pattern!r}"))
             continue
         clip, k = key
         if k in grouped[clip]:
-            problem(clip, InputError(image, f"clip {clip!r} has two frames number {k}: also {grouped[clip][k]}"))
+            problems.setdefault(clip, InputError(image, f"clip {clip!r} has two frames number {k}: also {grouped[clip][k]}"))
         grouped[clip][k] = image
+    return grouped
 
-    T = options.frames_per_clip
-    clips: list[ClipSource] = []
-    for name in sorted(grouped):
-        by_index = grouped[name]
-        try:
-            beyond = sorted(k for k in by_index if not 1 <= k <= T)
-            if beyond:
-                raise InputError(by_index[beyond[0]], f"frame number {beyond[0]} outside 1..{T} (--frames-per-clip)")
-            missing = [k for k in range(1, T + 1) if k not in by_index]
-            padded = 0
-            if missing:
-                present = sorted(by_index)
-                if not options.pad_short_clips or not present or missing[0] <= present[-1]:
-                    raise InputError(by_index[present[0]] if present else None,
-                                     f"clip {name!r} lacks frame(s) {missing} of 1..{T}"
-                                     + ("" if options.pad_short_clips else " (--pad-short-clips repeats the last frame)"))
-                padded = len(missing)
-                for k in missing:
-                    by_index[k] = by_index[present[-1]]
-            frame_sources = []
-            for k in range(1, T + 1):
-                image = by_index[k]
-                stem = image.stem
-                frame_sources.append(FrameSource(
-                    index=k,
-                    image=image,
-                    annotation=annotations.get(image.name),
-                    yolo_file=yolo_files.get(stem),
-                    mask=masks.get(stem),
-                    other_mask=other_masks.get(stem),
-                ))
-            audio_file = None
-            if options.audio is not None:
-                audio_file = audio.get(name)
-                if audio_file is None:
-                    raise InputError(options.audio, f"no audio file {name}.wav for clip {name!r}")
-            row = meta.get(name, {})
-            if options.meta is not None and not row:
-                raise InputError(options.meta, f"clip {name!r} is not listed")
-            sounding = [c for c in (row.get("sounding_categories") or "").split(";") if c]
-            clips.append(ClipSource(
-                name=name,
-                frames=frame_sources,
-                split=row.get("split") or "",
-                audio=audio_file,
-                category=row.get("category") or None,
-                other_category=row.get("other_category") or None,
-                sounding_categories=sounding,
-                padded_frames=padded,
-            ))
-        except InputError as error:
-            problem(name, error)
 
-    clips = [clip for clip in clips if clip.name not in problems]
-    if any(not clip.split for clip in clips):
-        splits = assign_splits(sorted(c.name for c in clips if not c.split),
-                               options.val_fraction, options.test_fraction, options.seed)
+def _complete_frames(name: str, by_index: dict[int, Path], frames_per_clip: int, pad: bool) -> int:
+    """Check that a clip has frames 1..T, padding a short clip with its last frame if `pad`; returns the frames
+    padded. InputError for a frame number beyond T or a gap."""
+    T = frames_per_clip
+    beyond = sorted(k for k in by_index if not 1 <= k <= T)
+    if beyond:
+        raise InputError(by_index[beyond[0]], f"frame number {beyond[0]} outside 1..{T} (--frames-per-clip)")
+    missing = [k for k in range(1, T + 1) if k not in by_index]
+    if not missing:
+        return 0
+    present = sorted(by_index)
+    if not pad or not present or missing[0] <= present[-1]:
+        raise InputError(by_index[present[0]] if present else None,
+                         f"clip {name!r} lacks frame(s) {missing} of 1..{T}"
+                         + ("" if pad else " (--pad-short-clips repeats the last frame)"))
+    for k in missing:
+        by_index[k] = by_index[present[-1]]
+    return len(missing)
+
+
+@dataclass
+class _Found:
+    """What the phases before building clips found: annotations, the roots' indexes and the metadata rows."""
+
+    annotated: Annotated
+    indexes: dict[str, dict[str, Path]]
+    meta: dict[str, dict[str, str]]
+
+
+def _build_clip(name: str, by_index: dict[int, Path], found: _Found, options: SourceOptions) -> ClipSource:
+    """One clip's sources: its T frames with their annotation and masks, its audio and metadata row."""
+    padded = _complete_frames(name, by_index, options.frames_per_clip, options.pad_short_clips)
+    masks, other_masks = found.indexes.get("masks", {}), found.indexes.get("other_masks", {})
+    frames = [FrameSource(index=k, image=image, annotation=found.annotated.annotations.get(image.name),
+                          yolo_file=found.annotated.yolo_files.get(image.stem), mask=masks.get(image.stem),
+                          other_mask=other_masks.get(image.stem))
+              for k, image in ((k, by_index[k]) for k in range(1, options.frames_per_clip + 1))]
+    audio = None
+    if options.audio is not None:
+        audio = found.indexes["audio"].get(name)
+        if audio is None:
+            raise InputError(options.audio, f"no audio file {name}.wav for clip {name!r}")
+    row = found.meta.get(name, {})
+    if options.meta is not None and not row:
+        raise InputError(options.meta, f"clip {name!r} is not listed")
+    return ClipSource(name=name, frames=frames, split=row.get("split") or "", audio=audio,
+                      category=row.get("category") or None, other_category=row.get("other_category") or None,
+                      sounding_categories=[c for c in (row.get("sounding_categories") or "").split(";") if c],
+                      padded_frames=padded)
+
+
+def _split_unsplit(clips: list[ClipSource], options: SourceOptions) -> None:
+    """Give the clips the metadata did not split a seeded split by `--val-fraction`/`--test-fraction`."""
+    unsplit = sorted(clip.name for clip in clips if not clip.split)
+    if unsplit:
+        splits = assign_splits(unsplit, options.val_fraction, options.test_fraction, options.seed)
         for clip in clips:
             clip.split = clip.split or splits[clip.name]
 
-    if classes is None:
-        names = set(annotation_names)
-        for clip in clips:
-            names.update(c for c in (clip.category, clip.other_category, *clip.sounding_categories) if c)
-        classes = sorted(names)
-    known = set(classes)
+
+def _classes(given: list[str] | None, annotated: Annotated, clips: list[ClipSource]) -> list[str]:
+    """The class list: as given, else the sorted names of the annotations and the clips' metadata categories."""
+    if given is not None:
+        return given
+    names = annotated.class_names
     for clip in clips:
-        for frame in clip.frames:
-            if frame.annotation is None:
-                continue
-            unknown = [box.name for box in frame.annotation.boxes if box.name not in known]
-            if unknown:
-                problem(clip.name, InputError(frame.annotation.source, f"class {unknown[0]!r} is not in the class list"))
-                break
+        names.update(c for c in (clip.category, clip.other_category, *clip.sounding_categories) if c)
+    return sorted(names)
+
+
+def discover(options: SourceOptions) -> Discovery:
+    """Find and group every clip's inputs. Raises InputError for problems that are not one clip's (a missing root)."""
+    read_annotations = _annotation_reader(options)
+    if options.frames_per_clip < 1:
+        raise InputError(None, "--frames-per-clip must be at least 1")
+    naming = ClipNaming(options.clip_pattern, options.frames_per_clip)
+    # Listing folders waits on the file system (and releases the GIL): the roots are listed in threads while the
+    # annotations are read. Results are used in a fixed order, so the outcome does not depend on timing.
+    with ThreadPoolExecutor(max_workers=4) as listing:
+        pending = _index_roots(options, listing)
+        annotated = read_annotations(options)
+        indexes = {name: future.result() for name, future in pending.items()}
+    frames = _frames(annotated, indexes.get("images"), options)
+    problems: dict[str, InputError] = {}
+    for stem, error in annotated.problems:
+        problems.setdefault(naming.clip(stem), error)
+    given = given_classes(options.classes, options.yolo)
+    found = _Found(annotated, indexes, read_meta(options.meta) if options.meta else {})
+
+    clips = []
+    for name, by_index in sorted(_group_frames(frames, naming, problems).items()):
+        try:
+            clips.append(_build_clip(name, by_index, found, options))
+        except InputError as error:
+            problems.setdefault(name, error)
+    clips = [clip for clip in clips if clip.name not in problems]
+    _split_unsplit(clips, options)
+    classes = _classes(given, annotated, clips)
+    check_known_classes(clips, classes, problems)
     clips = [clip for clip in clips if clip.name not in problems]
     log.info("found %d clips (%d with problems), %d classes", len(clips), len(problems), len(classes))
-    return Discovery(clips=clips, classes=classes, problems=dict(sorted(problems.items())))
+    return Discovery(clips=clips, classes=classes, problems=dict(sorted(problems.items())),
+                     frames_per_clip=options.frames_per_clip, has_audio=options.audio is not None,
+                     has_other_masks=options.other_masks is not None,
+                     source=options.voc or options.yolo or options.meta)

@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from avsprep import audio as audio_lib
 from avsprep.annotations import Box, clip_box, parse_yolo
-from avsprep.clips import ClipSource, Discovery, SourceOptions, discover
+from avsprep.clips import ClipSource, Discovery
 from avsprep.errors import InputError
 from avsprep.images import decode_image
 from avsprep import shards as shard_io
@@ -50,6 +50,13 @@ class CropsConfig:
     # Frames without an annotation get the bounding box of their mask's non-zero pixels (one box per frame), named
     # by the clip's category: AVSBench has masks but no boxes, and this lets the crop losses run on it.
     boxes_from_masks: bool = False
+
+    def __post_init__(self) -> None:
+        # Checked here, when the command line builds it: before discovery, which may take minutes.
+        if self.on_error not in ("error", "skip"):
+            raise InputError(None, f"--on-error must be 'error' or 'skip', not {self.on_error!r}")
+        if not 0 <= self.part_index < self.num_parts:
+            raise InputError(None, f"--part-index must lie in 0..{self.num_parts - 1}")
 
 
 @dataclass
@@ -273,34 +280,27 @@ class CropsResult:
     skipped: list[dict]  # clips skipped for bad input: {"clip", "error"}
 
 
-def run_crops(sources: SourceOptions, config: CropsConfig,
-              progress: Callable[[int, int], None] | None = None, found: Discovery | None = None) -> CropsResult:
-    """Build the shards of this part (`num_parts`/`part_index`) into `config.out` and write its manifest.
-
-    `found`: clips already discovered by another reader (`avsprep.avsbench`); by default `discover(sources)`.
-    `sources` then only says which inputs exist (audio, other masks) and the clip length.
+def run_crops(found: Discovery, config: CropsConfig,
+              progress: Callable[[int, int], None] | None = None) -> CropsResult:
+    """Build the shards of this part (`num_parts`/`part_index`) of what a reader found (`avsprep.clips.discover`,
+    `avsprep.avsbench.discover_avsbench`) into `config.out`, and write its manifest.
 
     With on_error="error" the first bad clip raises InputError (shards completed so far stay, and a re-run
     resumes); with "skip" bad clips are left out and listed in the result and the manifest.
     `progress(newly_done, total)` is called as clips complete (counts of clips).
     """
-    if config.on_error not in ("error", "skip"):
-        raise InputError(None, f"--on-error must be 'error' or 'skip', not {config.on_error!r}")
-    if not 0 <= config.part_index < config.num_parts:
-        raise InputError(None, f"--part-index must lie in 0..{config.num_parts - 1}")
-    found = discover(sources) if found is None else found
     if found.problems and config.on_error != "skip":
         raise next(iter(found.problems.values()))
     discovery_skips = [{"clip": name, "error": str(error)} for name, error in found.problems.items()]
     if not found.clips:
-        raise InputError(sources.voc or sources.yolo or sources.meta, "no usable clips found")
+        raise InputError(found.source, "no usable clips found")
 
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = shard_io.ShardSettings(
-        frames_per_clip=sources.frames_per_clip, size=config.size, crop_size=config.crop_size,
+        frames_per_clip=found.frames_per_clip, size=config.size, crop_size=config.crop_size,
         max_boxes=config.max_boxes, classes=found.classes, embedder=config.embedder,
-        has_other_masks=sources.other_masks is not None, has_audio=sources.audio is not None,
+        has_other_masks=found.has_other_masks, has_audio=found.has_audio,
         box_source="masks" if config.boxes_from_masks else "annotations",
     )
     plans = shard_io.plan_shards(found.clips, out, settings, config.clips_per_shard,
@@ -312,37 +312,39 @@ def run_crops(sources: SourceOptions, config: CropsConfig,
     report_progress = (lambda n: progress(n, total)) if progress else (lambda n: None)
     report_progress(sum(plan.clips_planned for plan in plans if plan.index in done))
     log.info("%d shards to write, %d already complete", len(todo), len(done))
-
-    init_args = (config, found.classes, sources.frames_per_clip, settings.has_other_masks)
-    if config.workers <= 1 or len(todo) <= 1:
-        _init_worker(*init_args, report_progress)
-        for plan in todo:
-            info = _write_shard(plan)
-            done[info.index] = info
-    else:
-        # spawn, not fork: a forked child of a process whose OpenCV (or torch) thread pool has run can hang, and
-        # library callers may well have used OpenCV before. A fresh worker imports in about 0.3 s (no torch).
-        context = multiprocessing.get_context("spawn")
-        progress_queue = context.Queue()
-        with context.Pool(min(config.workers, len(todo)), initializer=_init_worker,
-                          initargs=(*init_args, progress_queue)) as pool:
-            pending = pool.map_async(_write_shard, todo, chunksize=1)
-            while not pending.ready():
-                try:
-                    report_progress(progress_queue.get(timeout=0.2))
-                except queue.Empty:
-                    pass
-            for info in pending.get():  # re-raises a worker's InputError here
-                done[info.index] = info
-            while not progress_queue.empty():
-                report_progress(progress_queue.get())
+    worker_args = (config, found.classes, found.frames_per_clip, found.has_other_masks)
+    done.update((info.index, info) for info in _build_shards(todo, worker_args, config.workers, report_progress))
 
     infos = [done[plan.index] for plan in plans]
     negatives = None
     if settings.has_audio:
         embedder = audio_lib.make_embedder(config.embedder, config.vggish_weights, config.vggish_pca)
-        negatives = shard_io.write_negatives(out, negative_audio_embeddings(embedder, sources.frames_per_clip))
+        negatives = shard_io.write_negatives(out, negative_audio_embeddings(embedder, found.frames_per_clip))
     manifest = shard_io.write_manifest(out, settings, infos, config.clips_per_shard, config.num_parts,
                                        config.part_index, discovery_skips, negatives)
     skipped = discovery_skips + [s for info in infos for s in info.skipped]
     return CropsResult(manifest=manifest, written=len(todo), reused=len(plans) - len(todo), skipped=skipped)
+
+
+def _build_shards(todo: list[shard_io.ShardPlan], worker_args: tuple, workers: int,
+                  report_progress: Callable[[int], None]) -> list[shard_io.ShardInfo]:
+    """Write the planned shards, in this process or in `workers` processes; `report_progress(n)` per n clips."""
+    if workers <= 1 or len(todo) <= 1:
+        _init_worker(*worker_args, report_progress)
+        return [_write_shard(plan) for plan in todo]
+    # spawn, not fork: a forked child of a process whose OpenCV (or torch) thread pool has run can hang, and
+    # library callers may well have used OpenCV before. A fresh worker imports in about 0.3 s (no torch).
+    context = multiprocessing.get_context("spawn")
+    progress_queue = context.Queue()
+    with context.Pool(min(workers, len(todo)), initializer=_init_worker,
+                      initargs=(*worker_args, progress_queue)) as pool:
+        pending = pool.map_async(_write_shard, todo, chunksize=1)
+        while not pending.ready():
+            try:
+                report_progress(progress_queue.get(timeout=0.2))
+            except queue.Empty:
+                pass
+        infos = pending.get()  # re-raises a worker's InputError here
+        while not progress_queue.empty():
+            report_progress(progress_queue.get())
+    return infos
