@@ -1,4 +1,4 @@
-"""Audio → VGGish-compatible log-mel examples → one 128-d embedding per second (DESIGN §5).
+"""Audio → VGGish-compatible log-mel examples → one EMBEDDING_DIM (128-d) embedding per second (DESIGN §5).
 
 Pipeline
 --------
@@ -42,12 +42,12 @@ import math
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import soundfile as sf
 from numpy.lib.stride_tricks import sliding_window_view
 
+from avsprep.embedding import EMBEDDING_DIM, FRAMES_PER_EXAMPLE, NUM_BANDS, Embedder, check_examples
 from avsprep.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,9 @@ EXAMPLE_SECONDS = 0.96
 FRAME_LENGTH = 400  # 25 ms at 16 kHz
 HOP_LENGTH = 160  # 10 ms
 FFT_LENGTH = 512  # next power of two above FRAME_LENGTH, as mel_features chooses it
-NUM_BANDS = 64
 MEL_LOW_HZ = 125.0
 MEL_HIGH_HZ = 7500.0
 LOG_OFFSET = 0.01
-FRAMES_PER_EXAMPLE = 96  # EXAMPLE_SECONDS / 10 ms
-EMBEDDING_DIM = 128
 # Samples needed for one whole example: the last of its 96 frames starts 95 hops in.
 SAMPLES_PER_EXAMPLE = (FRAMES_PER_EXAMPLE - 1) * HOP_LENGTH + FRAME_LENGTH  # 15600
 
@@ -212,20 +209,8 @@ def clip_examples(path: str | Path, num_seconds: int) -> tuple[np.ndarray, int]:
 # Embedders
 
 
-@runtime_checkable
-class Embedder(Protocol):
-    """Maps log-mel examples [n, 96, 64] to embeddings [n, 128] float32."""
-
-    name: str
-
-    def embed(self, examples: np.ndarray) -> np.ndarray: ...
-
-
-def _check_examples(examples: np.ndarray) -> np.ndarray:
-    examples = np.asarray(examples)
-    if examples.ndim != 3 or examples.shape[1:] != (FRAMES_PER_EXAMPLE, NUM_BANDS):
-        raise ValueError(f"expected examples of shape [n, {FRAMES_PER_EXAMPLE}, {NUM_BANDS}], got {examples.shape}")
-    return examples
+# The example and embedding shapes, the Embedder protocol and check_examples live in avsprep.embedding (imported
+# above, also by avsprep.vggish).
 
 
 class LogMelStatsEmbedder:
@@ -238,7 +223,7 @@ class LogMelStatsEmbedder:
     name = "logmel-stats"
 
     def embed(self, examples: np.ndarray) -> np.ndarray:
-        examples = _check_examples(examples).astype(np.float64, copy=False)
+        examples = check_examples(examples).astype(np.float64, copy=False)
         stats = np.concatenate([examples.mean(axis=1), examples.std(axis=1)], axis=1)
         return stats.astype(np.float32)
 

@@ -23,6 +23,7 @@ from threadpoolctl import threadpool_limits
 from avsprep import audio as audio_lib
 from avsprep.annotations import Box, clip_box, parse_yolo
 from avsprep.clips import ClipSource, Discovery
+from avsprep.embedding import EMBEDDING_DIM
 from avsprep.errors import InputError
 from avsprep.images import decode_image
 from avsprep import shards as shard_io
@@ -71,7 +72,7 @@ class ClipRecord:
     crops: np.ndarray  # [T,c,c,3] uint8 RGB
     crop_valid: np.ndarray  # [T] bool
     boxes: np.ndarray  # [T,K,4] float32 normalised xyxy, NaN padded
-    audio: np.ndarray  # [T,128] float32
+    audio: np.ndarray  # [T,E] float32, E = EMBEDDING_DIM
     label: int  # primary class, -1: none
     sounding: np.ndarray  # [C] bool
     other_masks: np.ndarray | None  # [T,S,S] uint8, 0/1
@@ -189,7 +190,7 @@ class ClipBuilder:
             report["audio_padded_seconds"] += padded
             report["audio_padded_clips"] += bool(padded)
         else:
-            audio_embedding = np.zeros((T, 128), np.float32)
+            audio_embedding = np.zeros((T, EMBEDDING_DIM), np.float32)
 
         sounding = np.zeros(len(self.classes), bool)
         for name in (*box_names, *clip.sounding_categories, *([clip.category] if clip.category else [])):

@@ -20,6 +20,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from avsprep.embedding import EMBEDDING_DIM
 from avsprep.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def write_shard(plan: ShardPlan, records: list, skipped: list[dict], compression
         "crops": stack("crops", (T, c, c, 3), np.uint8),
         "crop_valid": stack("crop_valid", (T,), bool),
         "boxes": stack("boxes", (T, K, 4), np.float32),
-        "audio": stack("audio", (T, 128), np.float32),
+        "audio": stack("audio", (T, EMBEDDING_DIM), np.float32),
         "label": np.array([record.label for record in records], np.int16),
         "sounding": stack("sounding", (len(settings.classes),), bool),
     }
@@ -278,7 +279,7 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
         "max_boxes": settings.max_boxes,
         "classes": settings.classes,
         "embedder": settings.embedder,
-        "audio_dim": 128,
+        "audio_dim": EMBEDDING_DIM,
         "has_audio": settings.has_audio,
         "has_other_masks": settings.has_other_masks,
         "box_source": settings.box_source,

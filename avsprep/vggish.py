@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from avsprep.audio import EMBEDDING_DIM, _check_examples
+from avsprep.embedding import EMBEDDING_DIM, check_examples
 from avsprep.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -146,9 +146,10 @@ def load_vggish_pca(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
             raise InputError(path, f"VGGish PCA file lacks key {key!r}")
     vectors, means = params["pca_eigen_vectors"], params["pca_means"]
     if tuple(vectors.shape) != (EMBEDDING_DIM, EMBEDDING_DIM):
-        raise InputError(path, f"'pca_eigen_vectors' has shape {tuple(vectors.shape)}, expected (128, 128)")
+        raise InputError(path, f"'pca_eigen_vectors' has shape {tuple(vectors.shape)}, "
+                               f"expected ({EMBEDDING_DIM}, {EMBEDDING_DIM})")
     if means.numel() != EMBEDDING_DIM or means.dim() > 2:
-        raise InputError(path, f"'pca_means' has shape {tuple(means.shape)}, expected (128,)")
+        raise InputError(path, f"'pca_means' has shape {tuple(means.shape)}, expected ({EMBEDDING_DIM},)")
     return vectors, means.reshape(EMBEDDING_DIM)
 
 
@@ -218,7 +219,7 @@ class VGGishEmbedder:
     @torch.inference_mode()
     def embed(self, examples: np.ndarray) -> np.ndarray:
         """examples [n, 96, 64] → [n, 128] float32, computed in batches of ``batch_size``."""
-        examples = _check_examples(examples)
+        examples = check_examples(examples)
         model = self.load()
         outputs = []
         for start in range(0, examples.shape[0], self.batch_size):

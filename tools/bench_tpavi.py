@@ -76,15 +76,16 @@ def worker(variant: str, repeats: int, size: int, channels: int, frames: int, th
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from avsprep.embedding import EMBEDDING_DIM
     from avstrain.models.tpavi import TPAVI, tpavi_naive
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    block = TPAVI(channels, 128).train()
+    block = TPAVI(channels, EMBEDDING_DIM).train()
     with torch.no_grad():  # a zero W_z BatchNorm would leave the attention path without gradient
         block.out_bn.weight.uniform_(0.5, 1.5)
     visual = torch.randn(1, channels, frames, size, size, requires_grad=True)
-    audio = torch.randn(1, frames, 128, requires_grad=True)
+    audio = torch.randn(1, frames, EMBEDDING_DIM, requires_grad=True)
     weight = torch.randn(1, channels, frames, size, size)
 
     def step() -> None:
