@@ -25,10 +25,72 @@ from avsprep.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 TEMPORARY_SUFFIX = ".partial"
-STRING_DATASETS = ("name", "split")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The shard schema: the one place that says what a shard holds. Writing (`write_shard`), checking (`expected_shapes`,
+# `schema_problems`, `verify`), `avsprep inspect` and avstrain's dataset all derive from it; a test holds the README's
+# table against it. A new dataset is one row here (and the ClipRecord attribute of the same name that holds it).
+
+
+@dataclass(frozen=True)
+class ShardField:
+    """One dataset of a shard. Its first dimension is the clips, N."""
+
+    name: str  # the dataset, and the ClipRecord attribute that holds one clip's value
+    shape: tuple[str | int, ...]  # template over the dims of `shard_dims`, e.g. ("N", "T", "S", "S", 3)
+    dtype: str  # numpy dtype name, or "str": UTF-8 strings (h5py reads them back as dtype object)
+    meaning: str
+    only_if: str | None = None  # the ShardSettings / manifest flag without which a shard lacks this dataset
+
+    @property
+    def is_string(self) -> bool:
+        return self.dtype == "str"
+
+    @property
+    def stored_dtype(self) -> str:
+        """The dtype name a reader sees (`_dtype_name`)."""
+        return "object" if self.is_string else self.dtype
+
+
+SCHEMA_VERSION = 1
+SHARD_SCHEMA: tuple[ShardField, ...] = (
+    ShardField("frames", ("N", "T", "S", "S", 3), "uint8", "RGB frames resized to S×S (area interpolation)"),
+    ShardField("masks", ("N", "T", "S", "S"), "uint8", "sounding-object masks, 0/1 (nearest-neighbour resize)"),
+    ShardField("mask_valid", ("N", "T"), "bool", "frames with a mask file"),
+    ShardField("crops", ("N", "T", "c", "c", 3), "uint8", "crop of the union of the frame's sounding boxes"),
+    ShardField("crop_valid", ("N", "T"), "bool", "frames with a box (and so a crop)"),
+    ShardField("boxes", ("N", "T", "K", 4), "float32", "normalised xyxy of the clipped boxes, NaN padding"),
+    ShardField("audio", ("N", "T", "E"), "float32", "one audio embedding per second"),
+    ShardField("label", ("N",), "int16", "primary class: the CSV category, else the most frequent box class; -1: none"),
+    ShardField("sounding", ("N", "C"), "bool", "every sounding class (boxes, CSV category, CSV sounding_categories)"),
+    ShardField("other_masks", ("N", "T", "S", "S"), "uint8", "masks of the visible non-sounding object, 0/1",
+               only_if="has_other_masks"),
+    ShardField("other_label", ("N",), "int16", "class of the visible non-sounding object; -1: none",
+               only_if="has_other_masks"),
+    ShardField("name", ("N",), "str", "clip name"),
+    ShardField("split", ("N",), "str", "train, val or test"),
+)
+STRING_DATASETS = tuple(field.name for field in SHARD_SCHEMA if field.is_string)
+
+
+def shard_dims(frames_per_clip: int, size: int, crop_size: int, max_boxes: int, num_classes: int,
+               audio_dim: int = EMBEDDING_DIM) -> dict[str, int]:
+    """The sizes the shape templates name: T frames per clip, S image side, c crop side, K boxes per frame,
+    C classes, E audio embedding size."""
+    return {"T": frames_per_clip, "S": size, "c": crop_size, "K": max_boxes, "C": num_classes, "E": audio_dim}
+
+
+def schema_fields(flags: dict[str, bool]) -> list[ShardField]:
+    """The datasets of a shard written with these flags (`has_other_masks`, ...), in the order they are written."""
+    return [field for field in SHARD_SCHEMA if field.only_if is None or flags.get(field.only_if)]
+
+
+def field_shape(field: ShardField, dims: dict[str, int], clips: int) -> tuple[int, ...]:
+    """A field's shape for a shard of `clips` clips."""
+    return tuple(clips if dim == "N" else dims[dim] if isinstance(dim, str) else dim for dim in field.shape)
 
 
 @dataclass(frozen=True)
@@ -170,35 +232,23 @@ def complete_shard(plan: ShardPlan) -> ShardInfo | None:
     return None if info.skipped else info
 
 
+def _stacked(field: ShardField, records: list, dims: dict[str, int]) -> np.ndarray:
+    """One field of every record, [N, ...] in the field's dtype."""
+    if field.is_string:
+        return np.array([getattr(record, field.name) for record in records], dtype=object)
+    if not records:
+        return np.zeros(field_shape(field, dims, 0), field.dtype)
+    return np.stack([getattr(record, field.name) for record in records]).astype(field.dtype, copy=False)
+
+
 def write_shard(plan: ShardPlan, records: list, skipped: list[dict], compression: str | None = None) -> ShardInfo:
     """Write the clip records (ClipRecord) of one shard atomically and return its info."""
     settings = plan.settings
-    T, S, c, K = settings.frames_per_clip, settings.size, settings.crop_size, settings.max_boxes
-    n = len(records)
-
-    def stack(attribute: str, shape: tuple, dtype) -> np.ndarray:
-        if n == 0:
-            return np.zeros((0, *shape), dtype)
-        return np.stack([getattr(record, attribute) for record in records]).astype(dtype, copy=False)
-
-    arrays = {
-        "frames": stack("frames", (T, S, S, 3), np.uint8),
-        "masks": stack("masks", (T, S, S), np.uint8),
-        "mask_valid": stack("mask_valid", (T,), bool),
-        "crops": stack("crops", (T, c, c, 3), np.uint8),
-        "crop_valid": stack("crop_valid", (T,), bool),
-        "boxes": stack("boxes", (T, K, 4), np.float32),
-        "audio": stack("audio", (T, EMBEDDING_DIM), np.float32),
-        "label": np.array([record.label for record in records], np.int16),
-        "sounding": stack("sounding", (len(settings.classes),), bool),
-    }
-    if settings.has_other_masks:
-        arrays["other_masks"] = stack("other_masks", (T, S, S), np.uint8)
-        arrays["other_label"] = np.array([record.other_label for record in records], np.int16)
-    strings = {
-        "name": np.array([record.name for record in records], dtype=object),
-        "split": np.array([record.split for record in records], dtype=object),
-    }
+    dims = shard_dims(settings.frames_per_clip, settings.size, settings.crop_size, settings.max_boxes,
+                      len(settings.classes))
+    fields = schema_fields(asdict(settings))
+    arrays = {field.name: _stacked(field, records, dims) for field in fields if not field.is_string}
+    strings = {field.name: _stacked(field, records, dims) for field in fields if field.is_string}
     report: Counter = Counter()
     for record in records:
         report.update(record.report)
@@ -403,20 +453,10 @@ def _manifest_problem(manifest: dict) -> str | None:
 
 
 def expected_shapes(manifest: dict, clips: int) -> dict[str, tuple[tuple, str]]:
-    """Dataset name -> (shape, dtype) that a shard of `clips` clips must have."""
-    T, S, c, K = manifest["frames_per_clip"], manifest["image_size"], manifest["crop_size"], manifest["max_boxes"]
-    shapes = {
-        "frames": ((clips, T, S, S, 3), "uint8"), "masks": ((clips, T, S, S), "uint8"),
-        "mask_valid": ((clips, T), "bool"), "crops": ((clips, T, c, c, 3), "uint8"),
-        "crop_valid": ((clips, T), "bool"), "boxes": ((clips, T, K, 4), "float32"),
-        "audio": ((clips, T, manifest["audio_dim"]), "float32"), "label": ((clips,), "int16"),
-        "sounding": ((clips, len(manifest["classes"])), "bool"),
-        "name": ((clips,), "object"), "split": ((clips,), "object"),
-    }
-    if manifest["has_other_masks"]:
-        shapes["other_masks"] = ((clips, T, S, S), "uint8")
-        shapes["other_label"] = ((clips,), "int16")
-    return shapes
+    """Dataset name -> (shape, dtype name as a reader sees it) that a shard of `clips` clips must have."""
+    dims = shard_dims(manifest["frames_per_clip"], manifest["image_size"], manifest["crop_size"],
+                      manifest["max_boxes"], len(manifest["classes"]), manifest["audio_dim"])
+    return {field.name: (field_shape(field, dims, clips), field.stored_dtype) for field in schema_fields(manifest)}
 
 
 # What h5py raises for a damaged file, depending on which structure the damage hit (found by fuzzing).

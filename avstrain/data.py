@@ -23,12 +23,13 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from avsprep.errors import InputError
-from avsprep.shards import HDF5_READ_ERRORS, open_shard, read_manifest
+from avsprep.shards import HDF5_READ_ERRORS, SHARD_SCHEMA, open_shard, read_manifest
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_SHARDS = 8
-CLIP_FIELDS = ("frames", "masks", "mask_valid", "crops", "crop_valid", "boxes", "audio", "label", "sounding")
+# The arrays every shard has (the strings and the optional datasets are read apart): from the one schema table.
+CLIP_FIELDS = tuple(field.name for field in SHARD_SCHEMA if field.only_if is None and not field.is_string)
 
 
 @dataclass
