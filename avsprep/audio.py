@@ -186,13 +186,17 @@ def clip_examples(path: str | Path, num_seconds: int) -> tuple[np.ndarray, int]:
     Audio shorter than one example (< 0.975 s) is zero-padded at the end to one example; that example is not
     wholly real audio, so all T examples count as padded.
     """
+    return examples_for_seconds(load_audio(path), num_seconds, str(path))
+
+
+def examples_for_seconds(samples: np.ndarray, num_seconds: int, source: str = "audio") -> tuple[np.ndarray, int]:
+    """`clip_examples` for samples already in memory: float32 mono [N] at 16 kHz (e.g. a video's sound track)."""
     if num_seconds < 1:
         raise ValueError(f"num_seconds must be >= 1, got {num_seconds}")
-    samples = load_audio(path)
     needed = (num_seconds * FRAMES_PER_EXAMPLE - 1) * HOP_LENGTH + FRAME_LENGTH
     examples = waveform_to_examples(samples[:needed])
     if examples.shape[0] == 0:
-        log.debug("%s: %d samples is shorter than one example; zero-padding", path, samples.size)
+        log.debug("%s: %d samples is shorter than one example; zero-padding", source, samples.size)
         padded_wave = np.zeros(SAMPLES_PER_EXAMPLE, dtype=np.float32)
         padded_wave[: samples.size] = samples
         examples = waveform_to_examples(padded_wave)

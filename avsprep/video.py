@@ -228,12 +228,19 @@ def _audio_start(container) -> Fraction:
     return Fraction(stream.start_time or 0) * stream.time_base - _origin(container)
 
 
-def _aligned(blocks: list[np.ndarray], offset_samples: int, channels: int) -> np.ndarray:
-    """Blocks [C, n] joined so that sample 0 is at the video's start: zeros before a late start, cut an early one."""
-    audio = np.concatenate(blocks, axis=1) if blocks else np.zeros((channels, 0), np.float32)
-    if offset_samples > 0:
-        return np.concatenate([np.zeros((audio.shape[0], offset_samples), np.float32), audio], axis=1)
-    return audio[:, -offset_samples:]
+def iter_audio(path: Path, rate: int | None = None) -> Iterator[np.ndarray]:
+    """The audio track as float32 blocks [C, n] at `rate` (None: its own) in order, sample 0 at the video's start:
+    silence before a track that starts late, the part before the video cut from one that starts early."""
+    path = Path(path)
+    with open_video(path, need_audio=True) as container:
+        stream = container.streams.audio[0]
+        offset = round(_audio_start(container) * (rate or stream.rate))  # samples
+        if offset > 0:
+            yield np.zeros((stream.channels, offset), np.float32)
+        for block in _decoded_audio(path, container, rate):
+            if offset < 0:
+                block, offset = block[:, -offset:], min(0, offset + block.shape[1])
+            yield block
 
 
 def read_audio(path: Path, rate: int = AUDIO_RATE) -> np.ndarray:
@@ -241,19 +248,17 @@ def read_audio(path: Path, rate: int = AUDIO_RATE) -> np.ndarray:
 
     The whole track is held in memory: 230 MB per hour at 16 kHz.
     """
-    path = Path(path)
-    with open_video(path, need_audio=True) as container:
-        blocks = [block.mean(axis=0, keepdims=True) for block in _decoded_audio(path, container, rate)]
-        return _aligned(blocks, round(_audio_start(container) * rate), 1)[0]
+    blocks = [block.mean(axis=0) for block in iter_audio(path, rate)]
+    return np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
 
 
 def decode_audio(path: Path) -> tuple[np.ndarray, int]:
     """The audio track at its own rate and channels: (float32 [C, N], rate), sample 0 at the video's start."""
-    path = Path(path)
-    with open_video(path, need_audio=True) as container:
-        stream = container.streams.audio[0]
-        blocks = list(_decoded_audio(path, container, None))
-        return _aligned(blocks, round(_audio_start(container) * stream.rate), stream.channels), stream.rate
+    info = probe(path)
+    if info.audio_rate is None:
+        raise InputError(path, "no audio track")
+    blocks = list(iter_audio(path))
+    return (np.concatenate(blocks, axis=1) if blocks else np.zeros((info.audio_channels, 0), np.float32)), info.audio_rate
 
 
 def _layout_name(channels: int) -> str:

@@ -94,8 +94,12 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpo
 @main.command()
 @click.option("--checkpoint", required=True, type=EXISTING_FILE)
 @click.option("--shards", type=EXISTING_DIR, help="Shard folder: predict every clip of --split.")
-@click.option("--video", type=EXISTING_FILE, help="Or a video file of your own (frames at 1 per second, OpenCV).")
-@click.option("--audio", type=EXISTING_FILE, help="With --video: its sound as WAV/FLAC/OGG (OpenCV reads no audio).")
+@click.option("--video", type=EXISTING_FILE,
+              help="Or a video file of your own (mp4, mkv, webm, avi, mov): frames at 1 per second, its own sound.")
+@click.option("--audio", type=EXISTING_FILE, help="With --video: this sound (WAV/FLAC/OGG) instead of the video's.")
+@click.option("--out-video", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --video: also write the segmentation as a video (every source frame with the mask of its "
+                   "second, the source's sound).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
@@ -106,33 +110,41 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpo
                                                                 "(default: the training shards' T, else 5).")
 @click.option("--vggish-weights", type=EXISTING_FILE, help="With --video: for a checkpoint trained on VGGish audio.")
 @click.option("--vggish-pca", type=EXISTING_FILE, help="With --video: VGGish PCA parameters, if the shards used them.")
-def predict(checkpoint, shards, video, audio, out, split, batch_size, overlays, frames_per_clip, vggish_weights,
-            vggish_pca):
+def predict(checkpoint, shards, video, audio, out_video, out, split, batch_size, overlays, frames_per_clip,
+            vggish_weights, vggish_pca):
     """Masks for every clip in the AVSBench layout (<split>/<category>/<clip>/<clip>_<k>.png), or for a video."""
     from avstrain.runtime import load_for_inference
 
     if (shards is None) == (video is None):
         raise InputError(None, "give exactly one of --shards DIR and --video FILE")
-    if video is None and (audio or vggish_weights or vggish_pca or frames_per_clip):
-        raise InputError(None, "--audio, --vggish-weights, --vggish-pca and --frames-per-clip go with --video")
+    if video is None and (audio or out_video or vggish_weights or vggish_pca or frames_per_clip):
+        raise InputError(None, "--audio, --out-video, --vggish-weights, --vggish-pca and --frames-per-clip go with "
+                               "--video")
     model, config, runtime = load_for_inference(checkpoint)
     if video is not None:
         _predict_video(model, config, runtime, checkpoint, video, audio, out, frames_per_clip, vggish_weights,
-                       vggish_pca)
+                       vggish_pca, out_video)
     else:
         _predict_shards(model, runtime, shards, out, split, batch_size, overlays)
 
 
 def _predict_video(model, config, runtime, checkpoint, video, audio, out, frames_per_clip, vggish_weights,
-                   vggish_pca) -> None:
+                   vggish_pca, out_video) -> None:
+    from avstrain.video_out import write_segmentation_video
     from avstrain.visualise import choose_embedder, segment_video
 
     recorded = runtime.checkpoint
     embedder = choose_embedder(recorded, checkpoint, vggish_weights, vggish_pca) if config.model.audio else None
     result = segment_video(model, video, audio, out, embedder, frames_per_clip or recorded.get("frames_per_clip") or 5,
                            device=runtime.device, amp_dtype=runtime.amp_dtype)
-    click.echo(f"{video}: {result.seconds} frames at 1 per second ({result.fps:g} fps video), audio through "
-               f"{result.embedder}; wrote {len(result.masks)} masks and {len(result.overlays)} overlay grids to {out}")
+    click.echo(f"{video}: {result.seconds} frames at 1 per second ({result.fps:g} fps video), audio "
+               f"{'from ' + str(audio) if audio else 'from the video'} through {result.embedder}; "
+               f"wrote {len(result.masks)} masks and {len(result.overlays)} overlay grids to {out}")
+    if out_video is not None:
+        with progress("writing video") as advance:
+            written = write_segmentation_video(video, result.probabilities, out_video, audio, progress=advance)
+        click.echo(f"wrote {written.path}: {written.frames} frames at {float(written.frame_rate):g} fps, "
+                   f"audio from {written.audio}")
 
 
 def _predict_shards(model, runtime, shards, out, split, batch_size, overlays) -> None:

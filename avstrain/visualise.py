@@ -11,10 +11,11 @@ The heat map is the per-position score θ_i·φ_t of the finest TPAVI stage (`AV
 upsampled bilinearly to the frame. Its colour scale is shared by all rows and frames of a clip (1st..99th
 percentile), so the rows compare: with the other object's audio the hot region should move to the other object.
 
-`segment_video` runs a checkpoint on a video file and a separate audio file, without shards: frames at 1 per
-second, taken at the middle of each second (t = k + 0.5 s, the centre of audio example k), resized to the
-model's square input as `avsprep crops` resizes frames, and the audio embedded with the embedder the training
-shards were made with (recorded in the checkpoint), one 128-d vector per second.
+`segment_video` runs a checkpoint on a video file, without shards: frames at 1 per second, the frame shown at the
+middle of each second (t = k + 0.5 s by timestamp, the centre of audio example k; `avsprep.video`, as `avsprep
+frames` takes them), resized to the model's square input as `avsprep crops` resizes frames, and the video's own
+sound track (or a separate audio file) embedded with the embedder the training shards were made with (recorded in
+the checkpoint), one 128-d vector per second.
 """
 from __future__ import annotations
 
@@ -261,41 +262,24 @@ class VideoResult:
     fps: float
     audio_padded: int  # seconds of audio repeated because the audio was shorter than the video
     embedder: str
+    probabilities: np.ndarray | None = None  # [seconds,S,S] float32: the mask probabilities (for --out-video)
 
 
 def sample_video_frames(path: str | Path, max_seconds: int = 0) -> tuple[list[np.ndarray], float]:
-    """RGB frames [H,W,3] uint8 at 1 per second (the frame at t = k + 0.5 s, k = 0, 1, ...) and the frame rate.
+    """RGB frames [H,W,3] uint8 at 1 per second (the frame shown at t = k + 0.5 s, k = 0, 1, ...) and the frame rate.
 
-    The video is decoded sequentially (seeking is imprecise for many codecs); `max_seconds` > 0 stops early.
+    One decoding pass with PyAV (`avsprep.video`), rotation metadata honoured; `max_seconds` > 0 stops early.
     """
-    path = Path(path)
-    capture = cv2.VideoCapture(str(path))
-    if not capture.isOpened():
-        raise InputError(path, "cannot open the video (missing, or a format OpenCV cannot decode)")
-    try:
-        fps = capture.get(cv2.CAP_PROP_FPS)
-        if not fps or not np.isfinite(fps) or fps <= 0:
-            raise InputError(path, "the video reports no frame rate")
-        frames, first, index, k = [], None, 0, 0
-        while True:
-            ok, image = capture.read()
-            if not ok:
-                break
-            if first is None:
-                first = image
-            if index == int((k + 0.5) * fps):
-                frames.append(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
-                k += 1
-                if max_seconds and k >= max_seconds:
-                    break
-            index += 1
-    finally:
-        capture.release()
-    if first is None:
-        raise InputError(path, "the video has no decodable frame")
+    from itertools import islice
+
+    from avsprep import video as video_io
+
+    info = video_io.probe(path)
+    seconds = video_io.frames_each_second(path)
+    frames = list(islice(seconds, max_seconds) if max_seconds else seconds)
     if not frames:  # shorter than half a second: its first frame stands for its one second
-        frames.append(cv2.cvtColor(first, cv2.COLOR_BGR2RGB))
-    return frames, float(fps)
+        frames = [next(video_io.iter_frames(path))[1]]
+    return frames, float(info.frame_rate or 0)
 
 
 def choose_embedder(state: dict, checkpoint: str | Path, vggish_weights: str | Path | None = None,
@@ -326,49 +310,51 @@ def segment_video(model: nn.Module, video: str | Path, audio: str | Path | None,
     """Segment the sounding object in a video: `<out>/<stem>_<k>.png` 0/255 masks at the video's resolution
     (k = 1..n, one per second) and `<out>/<stem>_overlay_<w>.png` grids (frame, prediction, heat map) per window.
 
-    The n seconds are cut into windows of `frames_per_clip` (the last may be shorter; TPAVI takes any T). `audio`
-    (WAV/FLAC/OGG, any rate) is required unless the model ignores audio (vision-only): OpenCV cannot read a
-    video's sound track.
+    The n seconds are cut into windows of `frames_per_clip` (the last may be shorter; TPAVI takes any T). The sound
+    is the video's own track unless `audio` (WAV/FLAC/OGG, any rate) is given; a vision-only model needs neither.
     """
     from avsprep.crops import resize
 
     video, out = Path(video), Path(out)
     uses_audio = model_uses_audio(model)
-    if audio is None and uses_audio:
-        raise InputError(video, "no --audio given: OpenCV cannot read a video's sound track; extract it first, "
-                                "e.g. `ffmpeg -i VIDEO -ac 1 -ar 16000 audio.wav`, and pass --audio audio.wav")
     frames, fps = sample_video_frames(video, max_seconds)
     n = len(frames)
     size = image_size or model.config.image_size
     inputs = torch.from_numpy(np.stack([resize(frame, size) for frame in frames]))  # [n,S,S,3]
-    embeddings, padded, name = _video_audio(audio if uses_audio else None, embedder, n)  # [n,128]
+    embeddings, padded, name = _video_audio(video, audio, embedder if uses_audio else None, n)  # [n,128]
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
-    masks, overlays = [], []
+    masks, overlays, probabilities = [], [], []
     model.to(device)
     with eval_mode(model):
         for w, start in enumerate(range(0, n, frames_per_clip), start=1):
             stop = min(n, start + frames_per_clip)
             prediction = predict_with_heat(model, inputs[None, start:stop], embeddings[None, start:stop], device,
                                            amp_dtype)
-            predicted = prediction.probabilities[0].numpy() > 0.5  # [t,S,S]
+            probabilities.append(prediction.probabilities[0].numpy())
+            predicted = probabilities[-1] > 0.5  # [t,S,S]
             masks += _write_video_masks(predicted, frames[start:stop], out, video.stem, first=start + 1)
             title = f"{video.name}, seconds {start + 1}-{stop}" + ("" if uses_audio else " (vision-only model)")
             overlays.append(_window_grid(inputs[start:stop].numpy(), predicted, prediction, title,
                                          out / f"{video.stem}_overlay_{w}.png"))
-    return VideoResult(masks=masks, overlays=overlays, seconds=n, fps=fps, audio_padded=padded, embedder=name)
+    return VideoResult(masks=masks, overlays=overlays, seconds=n, fps=fps, audio_padded=padded, embedder=name,
+                       probabilities=np.concatenate(probabilities))
 
 
-def _video_audio(audio: str | Path | None, embedder, seconds: int) -> tuple[Tensor, int, str]:
-    """(embeddings [seconds,128], seconds of audio padded, the embedder's name); zeros when no audio is used."""
-    from avsprep.audio import clip_examples
+def _video_audio(video: Path, audio: str | Path | None, embedder, seconds: int) -> tuple[Tensor, int, str]:
+    """(embeddings [seconds,128], seconds of audio padded, the embedder's name) of the `audio` file if given, else
+    of the video's own sound track; zeros when no embedder is given (a model that does not listen)."""
+    from avsprep import video as video_io
+    from avsprep.audio import examples_for_seconds, load_audio
 
-    if audio is None:
+    if embedder is None:
         return torch.zeros(seconds, 128), 0, "none"
-    examples, padded = clip_examples(audio, seconds)  # [n,96,64]
+    source = audio or video
+    samples = load_audio(audio) if audio is not None else video_io.read_audio(video)
+    examples, padded = examples_for_seconds(samples, seconds, str(source))  # [n,96,64]
     if padded:
         log.warning("%s: audio is %d s shorter than the %d s of video; its last second is repeated",
-                    audio, padded, seconds)
+                    source, padded, seconds)
     return torch.from_numpy(embedder.embed(examples)).float(), padded, embedder.name
 
 
