@@ -242,9 +242,7 @@ def tsne(shards, checkpoints, out, **options):
 
     [settings] = from_options(options, TSNESettings)
     with progress("embedding crops") as advance:
-        result = run_tsne(list(checkpoints), shards, out, settings,
-                          on_sample=lambda sample: advance(0, len(sample.labels) * len(checkpoints)),
-                          progress=advance)
+        result = run_tsne(list(checkpoints), shards, out, settings, progress=advance)
     for panel in result.panels:
         scores = [f"{name} {value:.3f}" if value is not None else f"{name} n/a"
                   for name, value in (("t-SNE", panel.silhouette_2d), ("features", panel.silhouette_features))]

@@ -2,18 +2,19 @@
 
     avsprep tsne --shards shards/ --checkpoint runs/x/best.pt [--checkpoint runs/y/best.pt] --out tsne.png
 
-The crops of one split (one per valid frame, labelled with the clip's primary class) go through the checkpoint's
-crop encoder — its own trunk in `separate` mode, the segmentation backbone in `shared` mode — or, for a model
-trained without one (`model.crop_mode = "off"`), through the segmentation backbone, globally average-pooled at its
-last stage. The embeddings are reduced with PCA to 50 dimensions, then with scikit-learn's Barnes-Hut t-SNE to 2,
-and drawn coloured by class; several checkpoints give side-by-side panels over the same crops. Each panel carries
-the silhouette score of the classes, in the 2-D picture and in the 50-d PCA space, so the picture has a number.
+The crops of one split (one per valid frame, labelled with the clip's primary class) are embedded by the
+checkpoint's model (`embed_crops`: which trunk embeds a crop is the model's business, see `avstrain.models`). The
+embeddings are reduced with PCA to 50 dimensions, then with scikit-learn's Barnes-Hut t-SNE to 2, and drawn
+coloured by class; several checkpoints give side-by-side panels over the same crops. Each panel carries the
+silhouette score of the classes, in the 2-D picture and in the 50-d PCA space, so the picture has a number.
+
+The maths (`tsne_panel`, `draw`) is a function of arrays and labels. The trainer is reached in one place only,
+`embed_with_checkpoint`, which imports `avstrain.runtime` (and torch) when it runs: `avsprep` never imports
+`avstrain` or torch at start.
 
 t-SNE settings are chosen for speed at 20,000 points (measured, see the README): PCA initialisation, Barnes-Hut with
 angle 0.8 instead of 0.5 and 500 iterations instead of 1000 (250 of them early exaggeration). On 20,000 clustered
 50-d points that cut the CPU time from about 130 s to 88 s while the final KL divergence stayed the same (4.10).
-
-torch is imported only inside the functions that need it: `avsprep` itself never imports it at start.
 """
 from __future__ import annotations
 
@@ -127,50 +128,37 @@ def sample_crops(shards_dir: str | Path, split: str, max_points: int, seed: int 
                       clips=len(by_clip), available=len(candidates))
 
 
-def load_model(checkpoint: str | Path):
-    """(model in eval mode, config, checkpoint state) of an avstrain checkpoint."""
-    from avstrain.train import load_checkpoint, model_from_checkpoint
+@dataclass
+class CheckpointEmbedding:
+    """Crops embedded by one checkpoint's model."""
 
-    state = load_checkpoint(checkpoint)
-    model, config = model_from_checkpoint(state)
-    return model.eval(), config, state
-
-
-def feature_source(model) -> str:
-    """Which network `embed_crops` uses for this model, in words."""
-    encoder = getattr(model, "crop_encoder", None)
-    if encoder is None:
-        return "segmentation backbone, pooled last stage (no crop encoder)"
-    return "crop encoder on the segmentation backbone (shared)" if encoder.trunk is None else "crop encoder (separate)"
+    name: str  # the checkpoint, in words: `<run>/<file> (epoch e)`
+    features: np.ndarray  # [N,E] float32
+    source: str  # which network produced them, in words
+    seconds: float
 
 
-def embed_crops(model, crops: np.ndarray, batch_size: int = 256, amp_dtype=None,
-                progress: Callable[[int], None] | None = None) -> np.ndarray:
-    """Crop embeddings in batches: crops [N,c,c,3] uint8 RGB -> [N,E] float32.
-
-    The crop encoder's embedding (Linear after the pooled trunk) when the model has one; otherwise the segmentation
-    backbone's last stage, globally average-pooled ([N, channels of stage 4]).
-    """
+def embed_with_checkpoint(checkpoint: str | Path, crops: np.ndarray, batch_size: int = 256,
+                          progress: Callable[[int], None] | None = None) -> CheckpointEmbedding:
+    """Crops [N,c,c,3] uint8 RGB embedded by a checkpoint's model, in batches, with the device, precision and
+    memory format it trained with: the one call from avsprep into avstrain (imported here, not at start)."""
     import torch
 
-    from avstrain.evaluate import autocast
+    from avstrain.runtime import load_for_inference
 
-    device = next(model.parameters()).device
-    encoder = getattr(model, "crop_encoder", None)
+    checkpoint = Path(checkpoint)
+    model, _, runtime = load_for_inference(checkpoint)
+    started = time.perf_counter()
     out = []
-    with torch.no_grad(), autocast(device, amp_dtype):
+    with torch.no_grad(), runtime.autocast():
         for start in range(0, len(crops), batch_size):
-            batch = torch.from_numpy(crops[start:start + batch_size]).to(device).permute(0, 3, 1, 2)  # [b,3,c,c]
-            x = model.normalize(batch)
-            if encoder is not None:
-                shared = model.backbone if encoder.trunk is None else None
-                features = encoder(x, shared_trunk=shared).embedding  # [b,E]
-            else:
-                features = model.backbone(x)[-1].mean(dim=(2, 3))  # [b,C4]
-            out.append(features.float().cpu().numpy())
+            batch = torch.from_numpy(crops[start:start + batch_size]).to(runtime.device).permute(0, 3, 1, 2)
+            out.append(model.embed_crops(batch).float().cpu().numpy())  # [b,E]
             if progress:
                 progress(len(batch))
-    return np.concatenate(out)
+    name = f"{checkpoint.parent.name}/{checkpoint.name} (epoch {runtime.checkpoint.get('epoch', '?')})"
+    return CheckpointEmbedding(name=name, features=np.concatenate(out), source=model.crop_embedding_source,
+                               seconds=time.perf_counter() - started)
 
 
 def project(features: np.ndarray, settings: TSNESettings) -> tuple[np.ndarray, np.ndarray]:
@@ -199,8 +187,17 @@ def silhouette(points: np.ndarray, labels: np.ndarray, seed: int = 0) -> float |
     return float(silhouette_score(points, labels, sample_size=sample, random_state=seed))
 
 
-def panel_name(checkpoint: Path, state: dict) -> str:
-    return f"{checkpoint.parent.name}/{checkpoint.name} (epoch {state.get('epoch', '?')})"
+def tsne_panel(features: np.ndarray, labels: np.ndarray, settings: TSNESettings, name: str = "",
+               source: str = "", embed_seconds: float = 0.0) -> Panel:
+    """The t-SNE panel of features [N,D] with class labels [N]: PCA, t-SNE, and the silhouette of the classes in
+    both spaces."""
+    started = time.perf_counter()
+    reduced, points = project(features, settings)
+    tsne_seconds = time.perf_counter() - started
+    return Panel(name=name, features=source, points=points,
+                 silhouette_2d=silhouette(points, labels, settings.seed),
+                 silhouette_features=silhouette(reduced, labels, settings.seed),
+                 embed_seconds=embed_seconds, tsne_seconds=tsne_seconds)
 
 
 def draw(panels: list[Panel], labels: np.ndarray, classes: list[str], out: str | Path, title: str = "") -> Path:
@@ -237,45 +234,29 @@ def draw(panels: list[Panel], labels: np.ndarray, classes: list[str], out: str |
 
 
 def run_tsne(checkpoints: list[str | Path], shards_dir: str | Path, out: str | Path,
-             settings: TSNESettings | None = None, progress: Callable[[int], None] | None = None,
-             on_sample: Callable[[CropSample], None] | None = None) -> TSNEResult:
+             settings: TSNESettings | None = None, progress: Callable[[int, int], None] | None = None) -> TSNEResult:
     """Embed the same crops with every checkpoint, t-SNE each, draw the panels into `out` (PNG).
 
-    `on_sample(sample)` is called once the crops are chosen (a CLI sizes its progress bar from it);
-    `progress(n)` after each batch of n crops embedded.
+    `progress(newly_done, total)` counts crops embedded over all checkpoints (first called with 0 once the crops
+    are chosen).
     """
-    import torch
-
-    from avstrain.train import resolve_amp, to_channels_last
-
     settings = settings or TSNESettings()
     if not checkpoints:
         raise InputError(None, "give at least one --checkpoint")
     started = time.perf_counter()
     sample = sample_crops(shards_dir, settings.split, settings.max_points, settings.seed)
-    if on_sample:
-        on_sample(sample)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    total = len(sample.labels) * len(checkpoints)
+    report = (lambda n: progress(n, total)) if progress else None
+    if report:
+        report(0)
     panels = []
-    for checkpoint in map(Path, checkpoints):
-        model, config, state = load_model(checkpoint)
-        model.to(device)
-        if config.train.channels_last:  # as the model trained: about 20 % faster in bf16 on these CPUs
-            to_channels_last(model)
-        t0 = time.perf_counter()
-        features = embed_crops(model, sample.crops, settings.batch_size, resolve_amp(config.train.amp, device),
-                               progress)
-        t1 = time.perf_counter()
-        reduced, points = project(features, settings)
-        t2 = time.perf_counter()
-        panel = Panel(name=panel_name(checkpoint, state), features=feature_source(model), points=points,
-                      silhouette_2d=silhouette(points, sample.labels, settings.seed),
-                      silhouette_features=silhouette(reduced, sample.labels, settings.seed),
-                      embed_seconds=t1 - t0, tsne_seconds=t2 - t1)
-        log.info("%s: %d crops embedded in %.1f s, PCA + t-SNE in %.1f s", checkpoint, len(points),
+    for checkpoint in checkpoints:
+        embedding = embed_with_checkpoint(checkpoint, sample.crops, settings.batch_size, report)
+        panel = tsne_panel(embedding.features, sample.labels, settings, embedding.name, embedding.source,
+                           embedding.seconds)
+        log.info("%s: %d crops embedded in %.1f s, PCA + t-SNE in %.1f s", checkpoint, len(panel.points),
                  panel.embed_seconds, panel.tsne_seconds)
         panels.append(panel)
-        del model
     title = (f"t-SNE of {len(sample.labels)} crops from {sample.clips} clips, split {settings.split}"
              + (f" (sampled from {sample.available})" if sample.available > len(sample.labels) else ""))
     t0 = time.perf_counter()
@@ -284,5 +265,5 @@ def run_tsne(checkpoints: list[str | Path], shards_dir: str | Path, out: str | P
                       timings={"draw": time.perf_counter() - t0})
 
 
-__all__ = ["CropSample", "Panel", "TSNEResult", "TSNESettings", "draw", "embed_crops", "feature_source",
-           "project", "run_tsne", "sample_crops", "silhouette"]
+__all__ = ["CheckpointEmbedding", "CropSample", "Panel", "TSNEResult", "TSNESettings", "draw", "embed_with_checkpoint",
+           "project", "run_tsne", "sample_crops", "silhouette", "tsne_panel"]
