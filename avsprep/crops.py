@@ -22,7 +22,7 @@ from threadpoolctl import threadpool_limits
 
 from avsprep import audio as audio_lib
 from avsprep.annotations import Box, clip_box, parse_yolo
-from avsprep.clips import ClipSource, Discovery
+from avsprep.clips import ClipSource, Discovery, FrameSource
 from avsprep.embedding import EMBEDDING_DIM
 from avsprep.errors import InputError
 from avsprep.images import decode_image
@@ -145,69 +145,76 @@ class ClipBuilder:
 
     def build(self, clip: ClipSource) -> ClipRecord:
         """Read, crop, resize and embed one clip. Raises InputError naming the offending file."""
-        S, c, K, T = self.config.size, self.config.crop_size, self.config.max_boxes, self.T
         report: Counter = Counter()
-        frames = np.zeros((T, S, S, 3), np.uint8)
-        masks = np.zeros((T, S, S), np.uint8)
-        mask_valid = np.zeros(T, bool)
-        crops = np.zeros((T, c, c, 3), np.uint8)
-        crop_valid = np.zeros(T, bool)
-        boxes = np.full((T, K, 4), np.nan, np.float32)
-        other_masks = np.zeros((T, S, S), np.uint8) if self.has_other_masks else None
-        box_names: Counter = Counter()
+        box_names: Counter = Counter()  # classes of the clip's boxes, for its label
+        arrays = self._empty_arrays()
         decoded: dict[Path, np.ndarray] = {}  # padded clips repeat a frame: decode it once
         for t, frame in enumerate(clip.frames):
             if frame.image not in decoded:
                 decoded[frame.image] = read_image(frame.image)
-            image = decoded[frame.image]
-            height, width = image.shape[:2]
-            frames[t] = resize(image, S)
-            mask = read_mask(frame.mask) if frame.mask is not None else None
-            frame_boxes = self._frame_boxes(frame, width, height, report)
-            if not frame_boxes and mask is not None and self.config.boxes_from_masks:
-                frame_boxes = mask_boxes(mask, width, height, clip.category or "")
-                report["mask_boxes"] += len(frame_boxes)
-            # Mask boxes of a clip without a category (AVSBench MS3) have no class: they give crops, not labels.
-            box_names.update(box.name for box in frame_boxes if box.name in self.class_index)
-            if frame_boxes:
-                crops[t] = crop_and_resize(image, union_box(frame_boxes), c)
-                crop_valid[t] = True
-                if len(frame_boxes) > K:
-                    report["boxes_dropped"] += len(frame_boxes) - K
-                for k, box in enumerate(frame_boxes[:K]):
-                    boxes[t, k] = (box.xmin / width, box.ymin / height, box.xmax / width, box.ymax / height)
-            if mask is not None:
-                masks[t] = resize(mask, S, nearest=True)
-                mask_valid[t] = True
-            if other_masks is not None and frame.other_mask is not None:
-                other_masks[t] = resize(read_mask(frame.other_mask), S, nearest=True)
+            self._add_frame(arrays, t, frame, decoded[frame.image], clip.category, report, box_names)
         report["frames_padded"] += clip.padded_frames
         report.update(clip.report)
+        audio = self._embed_audio(clip, report)
+        label, sounding = self._labels(clip, box_names)
+        return ClipRecord(name=clip.name, split=clip.split, **arrays, audio=audio, label=label, sounding=sounding,
+                          other_label=self.class_index.get(clip.other_category or "", -1), report=report)
 
-        if clip.audio is not None:
-            examples, padded = audio_lib.clip_examples(clip.audio, T)
-            audio_embedding = self.embedder.embed(examples).astype(np.float32)
-            report["audio_padded_seconds"] += padded
-            report["audio_padded_clips"] += bool(padded)
-        else:
-            audio_embedding = np.zeros((T, EMBEDDING_DIM), np.float32)
+    def _empty_arrays(self) -> dict[str, np.ndarray | None]:
+        """The per-frame arrays of one clip, as a clip without masks or boxes has them."""
+        S, c, K, T = self.config.size, self.config.crop_size, self.config.max_boxes, self.T
+        return {"frames": np.zeros((T, S, S, 3), np.uint8), "masks": np.zeros((T, S, S), np.uint8),
+                "mask_valid": np.zeros(T, bool), "crops": np.zeros((T, c, c, 3), np.uint8),
+                "crop_valid": np.zeros(T, bool), "boxes": np.full((T, K, 4), np.nan, np.float32),
+                "other_masks": np.zeros((T, S, S), np.uint8) if self.has_other_masks else None}
 
+    def _add_frame(self, arrays: dict, t: int, frame: FrameSource, image: np.ndarray, category: str | None,
+                   report: Counter, box_names: Counter) -> None:
+        """Frame t of a clip into `arrays`: the resized image, its mask, the crop of its boxes and the boxes."""
+        S, c, K = self.config.size, self.config.crop_size, self.config.max_boxes
+        height, width = image.shape[:2]
+        arrays["frames"][t] = resize(image, S)
+        mask = read_mask(frame.mask) if frame.mask is not None else None
+        frame_boxes = self._frame_boxes(frame, width, height, report)
+        if not frame_boxes and mask is not None and self.config.boxes_from_masks:
+            frame_boxes = mask_boxes(mask, width, height, category or "")
+            report["mask_boxes"] += len(frame_boxes)
+        # Mask boxes of a clip without a category (AVSBench MS3) have no class: they give crops, not labels.
+        box_names.update(box.name for box in frame_boxes if box.name in self.class_index)
+        if frame_boxes:
+            arrays["crops"][t] = crop_and_resize(image, union_box(frame_boxes), c)
+            arrays["crop_valid"][t] = True
+            if len(frame_boxes) > K:
+                report["boxes_dropped"] += len(frame_boxes) - K
+            for k, box in enumerate(frame_boxes[:K]):
+                arrays["boxes"][t, k] = (box.xmin / width, box.ymin / height, box.xmax / width, box.ymax / height)
+        if mask is not None:
+            arrays["masks"][t] = resize(mask, S, nearest=True)
+            arrays["mask_valid"][t] = True
+        if arrays["other_masks"] is not None and frame.other_mask is not None:
+            arrays["other_masks"][t] = resize(read_mask(frame.other_mask), S, nearest=True)
+
+    def _embed_audio(self, clip: ClipSource, report: Counter) -> np.ndarray:
+        """[T,E] float32: one embedding per second of the clip's audio; zeros for a clip without audio."""
+        if clip.audio is None:
+            return np.zeros((self.T, EMBEDDING_DIM), np.float32)
+        examples, padded = audio_lib.clip_examples(clip.audio, self.T)
+        report["audio_padded_seconds"] += padded
+        report["audio_padded_clips"] += bool(padded)
+        return self.embedder.embed(examples).astype(np.float32)
+
+    def _labels(self, clip: ClipSource, box_names: Counter) -> tuple[int, np.ndarray]:
+        """(primary class, -1: none; sounding [C] bool) from the clip's metadata and its boxes' classes."""
         sounding = np.zeros(len(self.classes), bool)
         for name in (*box_names, *clip.sounding_categories, *([clip.category] if clip.category else [])):
             if name in self.class_index:
                 sounding[self.class_index[name]] = True
         if clip.category in self.class_index:
-            label = self.class_index[clip.category]
-        elif box_names:
+            return self.class_index[clip.category], sounding
+        if box_names:
             # The most frequent box class; ties go to the first name in sorted order, so runs agree.
-            label = self.class_index[min(box_names, key=lambda n: (-box_names[n], n))]
-        else:
-            label = -1
-        return ClipRecord(
-            name=clip.name, split=clip.split, frames=frames, masks=masks, mask_valid=mask_valid, crops=crops,
-            crop_valid=crop_valid, boxes=boxes, audio=audio_embedding, label=label, sounding=sounding,
-            other_masks=other_masks, other_label=self.class_index.get(clip.other_category or "", -1), report=report,
-        )
+            return self.class_index[min(box_names, key=lambda n: (-box_names[n], n))], sounding
+        return -1, sounding
 
     def _frame_boxes(self, frame, width: int, height: int, report: Counter) -> list[Box]:
         annotation = frame.annotation
