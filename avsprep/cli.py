@@ -59,6 +59,16 @@ annotation_options = option_set(
                       "Default: the sorted names in the annotations and metadata."),
 )
 
+# The JSON formats, read through clip discovery: `crops` and `preview`.
+json_annotation_options = option_set(
+    click.option("--createml", type=click.Path(exists=True, path_type=Path),
+                 help="labelImg CreateML JSON: a file, or a folder of them (one per image, searched recursively)."),
+    click.option("--coco", type=EXISTING_FILE,
+                 help="COCO JSON (Label Studio, CVAT): images by file_name, also without Label Studio's hex prefix."),
+    click.option("--max-json-mb", default=200.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="Refuse larger JSON files (a whole COCO export is one file)."),
+)
+
 # How frames are found and grouped into clips: `crops` and `preview`.
 frame_options = option_set(
     click.option("--images", type=EXISTING_DIR, help="Frames, found by file name recursively (default: next to the XML)."),
@@ -133,7 +143,41 @@ def synth(**options):
 
 
 @main.command()
+@click.option("--videos", required=True, type=EXISTING_DIR, help="Folder of videos (mp4, mkv, webm, avi, mov; recursive).")
+@click.option("--out", required=True, type=OUT_DIR, help="Output folder: frames/, audio/, meta.csv.")
+@click.option("--clip-seconds", default=5, show_default=True, type=click.IntRange(1), help="T: seconds (frames) per clip.")
+@click.option("--size", type=click.IntRange(8), help="Shorter side of the frames in pixels (default: the video's).")
+@click.option("--pad-short-clips", is_flag=True, help="Keep a final clip of fewer seconds (crops needs the same flag).")
+@click.option("--val-fraction", default=0.0, show_default=True, type=float, help="Share of videos for val.")
+@click.option("--test-fraction", default=0.0, show_default=True, type=float, help="Share of videos for test.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the split.")
+@click.option("--classes", type=EXISTING_FILE, help="Class list: written as labelImg's predefined_classes.txt.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1), help="Processes.")
+@click.option("--on-error", default="error", show_default=True, type=click.Choice(["error", "skip"]),
+              help="Stop at the first bad video (exit 2), or skip bad videos and report them.")
+def frames(**options):
+    """Videos -> one frame per second (<clip>_<k>.png) and 16 kHz mono WAV per clip, ready to annotate."""
+    from avsprep.frames import FramesConfig, extract_clips
+
+    [config] = from_options(options, FramesConfig)
+    with progress("videos") as advance:
+        result = extract_clips(config, progress=advance)
+    report = result.report()
+    click.echo(f"{report['clips']} clips of {config.clip_seconds} s from {report['videos']} videos at {config.out} "
+               f"({report['clips_written']} written, {report['clips_kept']} already complete; "
+               f"{report['dropped_seconds']} seconds after the last clips left out)")
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} videos for bad input:")
+        for skip in result.skipped:
+            click.echo(f"  {skip['video']}: {skip['error']}")
+    click.echo(f"next: annotate {config.out / 'frames'} (labelImg, Label Studio, CVAT), then avsprep crops --images "
+               f"{config.out / 'frames'} --audio {config.out / 'audio'} --meta {config.out / 'meta.csv'} "
+               f"--frames-per-clip {config.clip_seconds} --voc/--createml/--coco ... --out SHARDS")
+
+
+@main.command()
 @annotation_options
+@json_annotation_options
 @frame_options
 @click.option("--masks", type=EXISTING_DIR, help="Ground-truth masks, found by frame stem recursively.")
 @click.option("--other-masks", type=EXISTING_DIR, help="Masks of the visible non-sounding object (swap test).")
@@ -254,6 +298,7 @@ def tsne(shards, checkpoints, out, **options):
 
 @main.command()
 @annotation_options
+@json_annotation_options
 @frame_options
 @click.option("--out", required=True, type=OUT_DIR, help="Folder of PNG sheets.")
 @click.option("--height", default=180, show_default=True, type=click.IntRange(16), help="Frame height on the sheet.")

@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,7 @@ from avsprep.annotations import (
     read_classes_file,
 )
 from avsprep.errors import InputError
+from avsprep.formats import DEFAULT_MAX_JSON_MB, AnnotationSet, match_image_names, read_coco, read_createml
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class SourceOptions:
 
     voc: Path | None = None
     yolo: Path | None = None
+    createml: Path | None = None  # labelImg CreateML JSON: a file, or a folder of them (one per image)
+    coco: Path | None = None  # COCO JSON (Label Studio, CVAT exports)
+    max_json_mb: float = DEFAULT_MAX_JSON_MB
     images: Path | None = None
     masks: Path | None = None
     other_masks: Path | None = None
@@ -238,6 +242,9 @@ class Annotated:
     yolo_files: dict[str, Path] = field(default_factory=dict)  # frame stem -> label file parsed with the image size
     beside: dict[str, Path] = field(default_factory=dict)  # frame file name -> image found next to its annotation
     problems: list[tuple[str, InputError]] = field(default_factory=list)  # (frame stem, problem), as found
+    # JSON formats name images as the annotation tool saw them: `_frames` has them matched to the images found.
+    match_names: Callable[[Collection[str]], None] | None = None
+    without_prefix: set[str] | None = None  # then: the frames matched only with Label Studio's prefix stripped
 
     @property
     def class_names(self) -> set[str]:
@@ -278,19 +285,64 @@ def frames_from_yolo(options: SourceOptions) -> Annotated:
     return found
 
 
+def _json_frames(read: AnnotationSet, options: SourceOptions, beside_root: Path) -> Annotated:
+    """Annotated from a JSON reader: names matched to the `--images` index in `_frames`, or here to the images under
+    the JSON's folder (where the tools export them) when there is no `--images`."""
+    found = Annotated(without_prefix=set())
+
+    def match(images: Collection[str]) -> None:
+        matched = match_image_names(read, images)
+        found.annotations = matched.frames
+        found.without_prefix = matched.without_prefix
+        found.problems += [(Path(name).stem, error) for name, error in matched.problems.items()]
+
+    found.match_names = match
+    if options.images is None:
+        images = index_files(beside_root, IMAGE_SUFFIXES, "name")
+        match(images)
+        for filename, annotation in found.annotations.items():
+            if filename in images:
+                found.beside[filename] = images[filename]
+            else:
+                found.problems.append((annotation.stem, InputError(
+                    annotation.source, f"frame {filename!r} not found under {beside_root}")))
+    return found
+
+
+def frames_from_createml(options: SourceOptions) -> Annotated:
+    """labelImg CreateML JSON (`--createml`: a file, or every .json under a folder), keyed by image file name."""
+    root = Path(options.createml)
+    return _json_frames(read_createml(root, options.max_json_mb), options, root if root.is_dir() else root.parent)
+
+
+def frames_from_coco(options: SourceOptions) -> Annotated:
+    """A COCO JSON file (`--coco`), keyed by image file name; every listed image is a frame, boxes or none."""
+    return _json_frames(read_coco(options.coco, options.max_json_mb), options, Path(options.coco).parent)
+
+
+def frames_without_boxes(options: SourceOptions) -> Annotated:
+    """No annotation option, only `--images` (e.g. what `avsprep frames` wrote): no frame has a box."""
+    return Annotated()
+
+
 # One reader per annotation format, under the name of its SourceOptions field (`--<name>` on the command line).
 # A new format is one more function returning `Annotated` and one more SourceOptions field.
 ANNOTATION_READERS: dict[str, Callable[[SourceOptions], Annotated]] = {
     "voc": frames_from_voc,
     "yolo": frames_from_yolo,
+    "createml": frames_from_createml,
+    "coco": frames_from_coco,
 }
 
 
 def _annotation_reader(options: SourceOptions) -> Callable[[SourceOptions], Annotated]:
     chosen = [name for name in ANNOTATION_READERS if getattr(options, name) is not None]
+    if not chosen and options.images is not None:
+        return frames_without_boxes
     if len(chosen) != 1:
-        flags = [f"--{name.replace('_', '-')} DIR" for name in ANNOTATION_READERS]
-        raise InputError(None, f"give exactly one of {', '.join(flags[:-1])} and {flags[-1]}")
+        flags = [f"--{name.replace('_', '-')}" for name in ANNOTATION_READERS]
+        raise InputError(None, f"give one of {', '.join(flags[:-1])} and {flags[-1]}, or only --images DIR "
+                               "(frames without boxes)")
     return ANNOTATION_READERS[chosen[0]]
 
 
@@ -308,6 +360,8 @@ def _frames(annotated: Annotated, images: dict[str, Path] | None, options: Sourc
     that name no frame of `--images` become problems."""
     if images is None:
         return annotated.beside
+    if annotated.match_names is not None:
+        annotated.match_names(images)
     for filename, annotation in annotated.annotations.items():
         if filename not in images:
             annotated.problems.append((annotation.stem, InputError(
@@ -387,6 +441,16 @@ def _build_clip(name: str, by_index: dict[int, Path], found: _Found, options: So
                       padded_frames=padded)
 
 
+def _count_name_matches(clips: list[ClipSource], annotated: Annotated) -> None:
+    """Per clip (the manifest's report sums them): how the JSON formats' image names matched its frames."""
+    if annotated.without_prefix is None:
+        return
+    for clip in clips:
+        for image in {frame.image.name for frame in clip.frames if frame.annotation is not None}:
+            key = "images_matched_without_prefix" if image in annotated.without_prefix else "images_matched_as_given"
+            clip.report[key] = clip.report.get(key, 0) + 1
+
+
 def _split_unsplit(clips: list[ClipSource], options: SourceOptions) -> None:
     """Give the clips the metadata did not split a seeded split by `--val-fraction`/`--test-fraction`."""
     unsplit = sorted(clip.name for clip in clips if not clip.split)
@@ -432,6 +496,7 @@ def discover(options: SourceOptions) -> Discovery:
         except InputError as error:
             problems.setdefault(name, error)
     clips = [clip for clip in clips if clip.name not in problems]
+    _count_name_matches(clips, annotated)
     _split_unsplit(clips, options)
     classes = _classes(given, annotated, clips)
     check_known_classes(clips, classes, problems)
@@ -440,4 +505,5 @@ def discover(options: SourceOptions) -> Discovery:
     return Discovery(clips=clips, classes=classes, problems=dict(sorted(problems.items())),
                      frames_per_clip=options.frames_per_clip, has_audio=options.audio is not None,
                      has_other_masks=options.other_masks is not None,
-                     source=options.voc or options.yolo or options.meta)
+                     source=options.voc or options.yolo or options.createml or options.coco or options.meta
+                     or options.images)

@@ -50,6 +50,7 @@ class AnnotationSet:
     frames: dict[str, FrameAnnotation] = field(default_factory=dict)
     problems: dict[str, InputError] = field(default_factory=dict)  # image file name -> first problem
     report: Counter = field(default_factory=Counter)
+    without_prefix: set[str] = field(default_factory=set)  # `match_image_names`: names matched only without prefix
 
     def add(self, annotation: FrameAnnotation) -> None:
         if annotation.filename in self.problems:
@@ -275,6 +276,8 @@ def match_image_names(found: AnnotationSet, available: Collection[str]) -> Annot
         key, how = _image_key(name, available)
         if how:
             matched.report[how] += 1
+        if how == "images_matched_without_prefix":
+            matched.without_prefix.add(key)
         matched.add(replace(annotation, filename=key))
     for name, error in found.problems.items():
         key = _image_key(name, available)[0]

@@ -129,7 +129,8 @@ def write_previews(options: SourceOptions, out: str | Path, settings: PreviewSet
     result = PreviewResult(problems={name: str(error) for name, error in discovery.problems.items()})
     clips = discovery.clips[:settings.max_clips] if settings.max_clips else discovery.clips
     if not clips and not result.problems:
-        raise InputError(options.voc or options.yolo, "no annotated clips found")
+        raise InputError(options.voc or options.yolo or options.createml or options.coco or options.images,
+                         "no annotated clips found")
     out.mkdir(parents=True, exist_ok=True)
     for clip in clips:
         try:
