@@ -1,8 +1,9 @@
-"""What both command lines share: one error path, one progress bar, and the logging switch.
+"""What the command lines share: one error path, one progress bar, and the logging switch.
 
-`avsprep` and `avstrain` are each a `CommandGroup`: any `InputError` (or an error type the group names, such as
-`avstrain`'s `ConfigError`) raised by any command ends in one line on stderr, `<program>: error: <message>`, and exit
-code 2. Commands never catch these themselves.
+`avsprep` and `avstrain` are each a `CommandGroup`, a one-command tool (`tools/convert_avsbench_checkpoint.py`) a
+`Command`: any `InputError` (or an error type the program names, such as `avstrain`'s `ConfigError`) raised by any
+command ends in one line on stderr, `<program>: error: <message>`, and exit code 2. Commands never catch these
+themselves.
 """
 from __future__ import annotations
 
@@ -16,8 +17,8 @@ import click
 from avsprep.errors import InputError
 
 
-class CommandGroup(click.Group):
-    """A click group whose commands share one error path: bad input is one line and exit code 2."""
+class OneErrorPath:
+    """Mixin for click commands: bad input (InputError, `error_types`) is one line on stderr and exit code 2."""
 
     def __init__(self, *args, program: str, error_types: tuple[type[Exception], ...] = (), **kwargs):
         super().__init__(*args, **kwargs)
@@ -32,12 +33,30 @@ class CommandGroup(click.Group):
             ctx.exit(2)
 
 
+class CommandGroup(OneErrorPath, click.Group):
+    """A click group whose commands share one error path: bad input is one line and exit code 2."""
+
+
+class Command(OneErrorPath, click.Command):
+    """A single click command with the same error path."""
+
+
 def command_group(program: str, *error_types: type[Exception]) -> Callable[[Callable], CommandGroup]:
     """Decorator: the program's top-level group, with `-v/--verbose` for INFO logging."""
 
     def decorate(function: Callable) -> CommandGroup:
         function = click.option("-v", "--verbose", is_flag=True, help="Log progress details.")(function)
         return click.group(cls=CommandGroup, program=program, error_types=error_types)(function)
+
+    return decorate
+
+
+def command(program: str, *error_types: type[Exception]) -> Callable[[Callable], Command]:
+    """Decorator: a program of one command, with `-v/--verbose` for INFO logging (passed as `verbose`)."""
+
+    def decorate(function: Callable) -> Command:
+        function = click.option("-v", "--verbose", is_flag=True, help="Log progress details.")(function)
+        return click.command(cls=Command, program=program, error_types=error_types)(function)
 
     return decorate
 

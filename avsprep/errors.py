@@ -20,25 +20,3 @@ class InputError(Exception):
         # fails in the parent's result thread, which left `crops --workers N` hanging on the first bad clip.
         return type(self), (self.path, self.problem)
 
-
-def exits_cleanly(program: str, *error_types: type[Exception]):
-    """Decorator for CLI commands: InputError (and `error_types`) end in one line on stderr and exit code 2."""
-    import functools
-    import sys
-
-    import click
-
-    caught = (InputError, *error_types)
-
-    def decorate(command):
-        @functools.wraps(command)
-        def wrapper(*args, **kwargs):
-            try:
-                return command(*args, **kwargs)
-            except caught as error:
-                click.echo(f"{program}: error: {error}", err=True)
-                sys.exit(2)
-
-        return wrapper
-
-    return decorate

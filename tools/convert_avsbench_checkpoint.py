@@ -11,27 +11,23 @@ The model is built from --config (default: the S4 recipe, ResNet-50, C = 256, TP
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import click
 
-from avsprep.errors import exits_cleanly
+from avsprep.cli_support import command, configure_logging
 from avstrain.config import ConfigError
 
 
-@click.command()
+@command("convert_avsbench_checkpoint", ConfigError)
 @click.argument("source", type=click.Path(path_type=Path))
 @click.argument("target", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="TOML config of the model (configs/avsbench-s4-r50.toml, configs/avsbench-ms3-r50.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="SECTION.KEY=VALUE", help="Override a config field.")
-@click.option("-v", "--verbose", is_flag=True)
-@exits_cleanly("convert_avsbench_checkpoint", ConfigError)
 def main(source: Path, target: Path, config_path: Path | None, overrides: tuple[str, ...], verbose: bool) -> None:
     """Write the AVSBench checkpoint SOURCE as the avs-toolkit checkpoint TARGET."""
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose)
     from avstrain.avsbench import convert_avsbench_checkpoint
     from avstrain.config import load_config
 
