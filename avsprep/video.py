@@ -20,6 +20,7 @@ MPEG-4 part 2 otherwise) and float audio as AAC, into any container FFmpeg guess
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -146,10 +147,7 @@ def probe(path: Path) -> VideoInfo:
     path = Path(path)
     with open_video(path) as container:
         stream = container.streams.video[0]
-        first = next(_raw_frames(path, container, threads=1), None)
-        if first is None:
-            raise InputError(path, "no video frames (zero-length video)")
-        frame = first[2]
+        _, _, frame = next(_raw_frames(path, container, threads=1))  # InputError when there is none
         image = _to_rgb(frame)
         audio = container.streams.audio[0] if container.streams.audio else None
         return VideoInfo(
@@ -192,13 +190,8 @@ def frames_at(path: Path, times: Iterable[Fraction], threads: int = 0) -> Iterat
 
 def frames_each_second(path: Path, threads: int = 0) -> Iterator[np.ndarray]:
     """The frame shown at the middle of second s (s = 0, 1, ...: t = s + 0.5) for every second the video covers."""
-    def middles() -> Iterator[Fraction]:
-        s = 0
-        while True:
-            yield Fraction(2 * s + 1, 2)
-            s += 1
-
-    for _, image in frames_at(path, middles(), threads):
+    middles = (Fraction(2 * s + 1, 2) for s in itertools.count())
+    for _, image in frames_at(path, middles, threads):
         yield image
 
 
@@ -292,7 +285,7 @@ class VideoWriter:
         if audio_rate is not None:
             self.audio = self.container.add_stream("aac", rate=audio_rate, layout=_layout_name(audio_channels))
             self.audio.bit_rate = 128_000 * audio_channels
-            self.pending = np.zeros((audio_channels, 0), np.float32)
+        self.pending = np.zeros((audio_channels, 0), np.float32)  # samples waiting for a whole AAC frame
         self.frames_written, self.samples_written = 0, 0
 
     def write_frame(self, image: np.ndarray) -> None:
@@ -309,6 +302,8 @@ class VideoWriter:
 
     def write_audio(self, samples: np.ndarray) -> None:
         """Append float audio [C, n] (C as given at construction), values in [-1, 1]."""
+        if self.audio is None:
+            raise ValueError("this VideoWriter has no audio stream (give audio_rate)")
         self.pending = np.concatenate([self.pending, np.asarray(samples, np.float32).reshape(self.pending.shape[0], -1)], 1)
         self._encode_audio(final=False)
 
