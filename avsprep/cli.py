@@ -122,8 +122,12 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.option("--out", required=True, type=OUT_DIR, help="Output folder.")
 @click.option("--clips", default=600, show_default=True, type=click.IntRange(1))
-@click.option("--num-classes", default=5, show_default=True, type=click.IntRange(3))
+@click.option("--num-classes", type=click.IntRange(3), help="Classes (default 5; with --sounds: its class folders).")
 @click.option("--size", default=224, show_default=True, type=click.IntRange(32), help="Frame side in pixels.")
+@click.option("--width", type=click.IntRange(32), help="Frame width (default: --size).")
+@click.option("--height", type=click.IntRange(32), help="Frame height (default: --size).")
+@click.option("--image-format", default="png", show_default=True, type=click.Choice(["png", "jpg"]),
+              help="Frame files (masks are always PNG).")
 @FRAMES_PER_CLIP
 @click.option("--sources", default=1, show_default=True, type=click.IntRange(1, 2),
               help="Sounding objects per scene (2: MS3-style).")
@@ -131,6 +135,14 @@ def main(verbose: bool) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--yolo", is_flag=True, help="Also write labelImg YOLO txt files and classes.txt.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1))
+@click.option("--style", default=0, show_default=True, type=click.IntRange(0),
+              help="0: the default classes; N >= 1: a seeded family of other shapes, colours and sound types.")
+@click.option("--sample-rate", default=16000, show_default=True, type=click.IntRange(8000, 192000),
+              help="Of the WAVs.")
+@click.option("--channels", default=1, show_default=True, type=click.IntRange(1, 8), help="Of the WAVs.")
+@click.option("--sounds", type=EXISTING_DIR,
+              help="One folder of WAV recordings per class: clips sound like them, test clips from the last 15 % "
+                   "of each recording (train: first 70 %, val: next 15 %).")
 def synth(**options):
     """Generate synthetic AVS clips: two+ objects per scene, only the sounding one is the target."""
     from avsprep.synth import SynthConfig, generate
