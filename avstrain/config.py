@@ -17,9 +17,9 @@ from pathlib import Path
 BACKBONES = ("resnet18", "resnet34", "resnet50", "pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4",
              "pvt_v2_b5")
 CROP_MODES = ("off", "separate", "shared")
-AVM_VARIANTS = ("kl", "cosine")
+AVM_VARIANTS = ("kl", "cosine", "kl_semantic")
 # The weighted parts of the loss; a model kind (`avstrain.models.registry`) says which it trains with.
-LOSS_WEIGHTS = ("bce", "avm", "crop_cls", "crop_temporal", "crop_audio")
+LOSS_WEIGHTS = ("bce", "ce", "avm", "crop_cls", "crop_temporal", "crop_audio")
 
 
 @dataclass
@@ -44,6 +44,15 @@ class ModelConfig:
     crop_embed_dim: int = 512
     # Classes of the crop classifier; 0 builds no classifier (the trainer sets it from the shard manifest).
     num_classes: int = 0
+    # Mask classes of the head (DESIGN §14): 1 the binary S4/MS3 head; K >= 2 a K-class semantic head, class 0
+    # background (AVSS: 71); 0 takes K from the shards' manifest.
+    mask_classes: int = 1
+    # TPAVI's audio projection (`align_channel`) has a bias in the S4/MS3 reference and none in AVSS: the model is
+    # built before any state dict is read, so the checkpoint layout must be in the config.
+    audio_proj_bias: bool = True
+    # Frames per TPAVI window (None: all T frames of the clip); the AVSS reference hard-codes 5, so its 10-frame
+    # clips are two independent 5-frame windows.
+    tpavi_window: int | None = None
 
     def __post_init__(self) -> None:
         self.tpavi_stages = tuple(int(s) for s in self.tpavi_stages)
@@ -63,6 +72,10 @@ class ModelConfig:
                              f"got {self.image_size}")
         if self.num_classes < 0:
             raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
+        if self.mask_classes < 0:
+            raise ValueError(f"model.mask_classes must be >= 0 (0: from the shards), got {self.mask_classes}")
+        if self.tpavi_window is not None and self.tpavi_window < 1:
+            raise ValueError(f"model.tpavi_window must be >= 1 frame, got {self.tpavi_window}")
 
 
 @dataclass
@@ -73,10 +86,14 @@ class LossConfig:
     """
 
     bce: float = 1.0
+    # K-class cross-entropy of the semantic head (AVSS, DESIGN §14), averaged over pixels, then labelled frames.
+    ce: float = 0.0
     # The AVSBench MS3 recipe uses avm = 0.5 with the KL form; the S4 recipe (the default here) uses none.
     avm: float = 0.0
     avm_variant: str = "kl"
     avm_stages: tuple[int, ...] = (0, 1, 2, 3)
+    # L2-normalise v and a before the KL of AVM. The reference MS3 and AVSS recipes do not (DESIGN §7, §14).
+    avm_normalise: bool = False
     crop_cls: float = 0.0
     crop_temporal: float = 0.0
     crop_audio: float = 0.0

@@ -47,6 +47,51 @@ def mask_bce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = Non
     return F.binary_cross_entropy_with_logits(logits[mask_valid], masks[mask_valid].to(logits.dtype))
 
 
+def semantic_ce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = None) -> Tensor:
+    """K-class cross-entropy as the AVSS reference computes it (DESIGN §14): no class weights, no ignore index,
+    averaged over the pixels of each frame, then over the labelled frames (Σ frame loss · flag / Σ flag).
+
+    logits [B, T, K, H, W]; masks [B, T, H, W] class indices (0 background); mask_valid [B, T] bool (None = all).
+    """
+    per_pixel = F.cross_entropy(logits.flatten(0, 1), masks.flatten(0, 1).long(), reduction="none")  # [B·T, H, W]
+    per_frame = per_pixel.mean(dim=(-2, -1))  # [B·T]
+    if mask_valid is None:
+        return per_frame.mean()
+    flag = mask_valid.reshape(-1).to(per_frame.dtype)
+    if not flag.any():
+        return _zero(logits)
+    return (per_frame * flag).sum() / flag.sum()
+
+
+def avm_semantic_loss(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, Tensor],
+                      stages: tuple[int, ...] = (0, 1, 2, 3), mask_valid: Tensor | None = None,
+                      normalise: bool = False) -> Tensor:
+    """The AVSS reference's AVM (DESIGN §14), KL form on a semantic head.
+
+    Per stage: foreground = (argmax over classes ≠ 0) as float, without gradient, average-pooled to the stage's
+    h×w; v = spatial mean of stage map × foreground [B·T, C]; a = TPAVI's audio projection [B·T, C]; per frame
+    Σ_C KL(softmax a ‖ softmax v); × labelled-frame flag, / Σ flag. Mean over stages. No L2 normalisation (unless
+    `normalise`). logits [B, T, K, H, W]; stage_maps 4 × [B·T, C, h, w]; audio_proj {stage: [B, T, C]};
+    mask_valid [B, T] bool (None = all).
+    """
+    with torch.no_grad():
+        foreground = (logits.flatten(0, 1).argmax(dim=1, keepdim=True) != 0).to(stage_maps[0].dtype)  # [B·T,1,H,W]
+    flag = (torch.ones(foreground.shape[0], device=logits.device) if mask_valid is None
+            else mask_valid.reshape(-1).to(foreground.dtype))  # [B·T]
+    if not flag.any():
+        return _zero(logits)
+    total = _zero(logits)
+    for s in stages:
+        v_map, a = _stage_inputs(logits, stage_maps, audio_proj, s)
+        mask = F.adaptive_avg_pool2d(foreground, v_map.shape[-2:])  # [B·T, 1, h, w]
+        v = (v_map * mask).mean(dim=(-2, -1))  # [B·T, C]
+        if normalise:
+            v, a = F.normalize(v, dim=-1), F.normalize(a, dim=-1)
+        per_frame = F.kl_div(F.log_softmax(v, dim=-1), F.softmax(a, dim=-1), reduction="none").sum(-1)  # [B·T]
+        total = total + (per_frame * flag).sum() / flag.sum()
+    return total / len(stages)
+
+
 def _stage_inputs(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, Tensor], stage: int):
     if stage not in audio_proj:
         raise ValueError(f"AVM loss at stage {stage} needs TPAVI there; the model has TPAVI at {sorted(audio_proj)}")
@@ -56,11 +101,12 @@ def _stage_inputs(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int
 
 
 def avm_kl_loss(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, Tensor],
-                stages: tuple[int, ...] = (0, 1, 2, 3)) -> Tensor:
-    """AVM-AV as the reference MS3 recipe runs it (KL form).
+                stages: tuple[int, ...] = (0, 1, 2, 3), normalise: bool = True) -> Tensor:
+    """AVM-AV, KL form (the reference MS3 recipe with ``normalise=False``, ``loss.avm_normalise``'s default).
 
     Per stage: average-pool the mask logits to the stage size, then sigmoid; v = spatial mean of stage map × mask;
-    L2-normalise v and the projected audio a; KL(softmax(a) ‖ softmax(v)) summed over the batch. Mean over stages.
+    with `normalise`, L2-normalise v and the projected audio a (the reference does not: DESIGN §7 said it did
+    until issue 15); KL(softmax(a) ‖ softmax(v)) summed over the batch. Mean over stages.
     logits [B, T, 1, H, W]; stage_maps 4 × [B·T, C, h, w]; audio_proj {stage: [B, T, C]}.
     """
     pred = logits.flatten(0, 1)  # [B·T, 1, H, W]
@@ -69,7 +115,8 @@ def avm_kl_loss(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, 
         v_map, a = _stage_inputs(logits, stage_maps, audio_proj, s)
         mask = torch.sigmoid(F.adaptive_avg_pool2d(pred, v_map.shape[-2:]))  # [B·T, 1, h, w]
         v = (v_map * mask).mean(dim=(-2, -1))  # [B·T, C]
-        v, a = F.normalize(v, dim=-1), F.normalize(a, dim=-1)
+        if normalise:
+            v, a = F.normalize(v, dim=-1), F.normalize(a, dim=-1)
         total = total + F.kl_div(F.log_softmax(v, dim=-1), F.softmax(a, dim=-1), reduction="sum")
     return total / len(stages)
 
@@ -143,6 +190,16 @@ def crop_audio_loss(crop_embedding: Tensor, audio_embedding: Tensor, crop_valid:
     return (1.0 - cos).mean()
 
 
+def _avm(output: AVSOutput, config: LossConfig, mask_valid: Tensor | None) -> Tensor:
+    """The AVM form `loss.avm_variant` names, on the model's output."""
+    args = (output.logits, output.stage_maps, output.audio_proj, config.avm_stages)
+    if config.avm_variant == "kl_semantic":
+        return avm_semantic_loss(*args, mask_valid=mask_valid, normalise=config.avm_normalise)
+    if config.avm_variant == "kl":
+        return avm_kl_loss(*args, normalise=config.avm_normalise)
+    return avm_cosine_loss(*args)
+
+
 def compute_loss(output: AVSOutput, config: LossConfig, masks: Tensor, mask_valid: Tensor | None = None,
                  labels: Tensor | None = None, crop_valid: Tensor | None = None) -> LossOutput:
     """Weighted sum of the losses switched on in ``config``.
@@ -154,9 +211,10 @@ def compute_loss(output: AVSOutput, config: LossConfig, masks: Tensor, mask_vali
     parts: dict[str, Tensor] = {}
     if config.bce > 0:
         parts["bce"] = mask_bce_loss(output.logits, masks, mask_valid)
+    if config.ce > 0:
+        parts["ce"] = semantic_ce_loss(output.logits, masks, mask_valid)
     if config.avm > 0:
-        avm = avm_kl_loss if config.avm_variant == "kl" else avm_cosine_loss
-        parts["avm"] = avm(output.logits, output.stage_maps, output.audio_proj, config.avm_stages)
+        parts["avm"] = _avm(output, config, mask_valid)
     if config.crop_cls > 0:
         if output.crop_logits is None or labels is None:
             raise ValueError("loss.crop_cls > 0 needs crops, a crop classifier (model.num_classes > 0) and labels")

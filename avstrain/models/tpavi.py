@@ -34,14 +34,16 @@ class TPAVI(nn.Module):
     identity up to the LayerNorm.
     """
 
-    def __init__(self, channels: int = 256, audio_dim: int = 128, naive: bool = False) -> None:
+    def __init__(self, channels: int = 256, audio_dim: int = 128, naive: bool = False,
+                 audio_proj_bias: bool = True) -> None:
         super().__init__()
         inter = max(channels // 2, 1)
         self.channels, self.inter_channels = channels, inter
         # True: forward runs the reference's N×N formula (`tpavi_naive`), for benchmarks against the reference;
         # same weights and outputs, memory O(N²).
         self.naive = naive
-        self.audio_proj = nn.Linear(audio_dim, channels)
+        # AVSS's `align_channel` has no bias, S4/MS3's has one.
+        self.audio_proj = nn.Linear(audio_dim, channels, bias=audio_proj_bias)
         self.theta = nn.Conv3d(channels, inter, kernel_size=1)
         self.phi = nn.Conv3d(channels, inter, kernel_size=1)
         self.g = nn.Conv3d(channels, inter, kernel_size=1)

@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class AVSOutput:
     """What ``AVSModel.forward`` returns. B clips of T frames; stage k has size h_k × w_k (stride 4·2^k)."""
 
-    logits: Tensor  # [B, T, 1, H, W] mask logits
+    logits: Tensor  # [B, T, K, H, W] mask logits (K = model.mask_classes; 1 for the binary head)
     # The four [B·T, C, h_k, w_k] maps after TPAVI, as the reference leaves them (ReLU'd by the decoder), which is
     # what its AVM loss reads.
     stage_maps: list[Tensor]
@@ -113,9 +113,9 @@ class Upsample(nn.Module):
         return F.interpolate(x, scale_factor=self.scale_factor, mode=self.mode, align_corners=self.align_corners)
 
 
-def make_head(channels: int) -> nn.Sequential:
+def make_head(channels: int, classes: int = 1) -> nn.Sequential:
     """conv3×3 C→128, ×2 bilinear (align_corners=False, unlike the decoder), conv3×3 128→32, ReLU,
-    conv1×1 32→1.
+    conv1×1 32→classes (1: binary; AVSS: 71).
 
     Indices 0, 2, 4 hold the convs, as the reference's ``output_conv`` does.
     """
@@ -124,7 +124,7 @@ def make_head(channels: int) -> nn.Sequential:
         Upsample(scale_factor=2, mode="bilinear", align_corners=False),
         nn.Conv2d(128, 32, kernel_size=3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(32, 1, kernel_size=1),
+        nn.Conv2d(32, classes, kernel_size=1),
     )
 
 
@@ -139,13 +139,16 @@ class AVSModel(nn.Module):
         c = config.channels
         self.necks = nn.ModuleList(DilatedNeck(cin, c) for cin in self.backbone.channels)
         self.tpavi_stages = tuple(sorted(config.tpavi_stages)) if config.audio else ()
-        self.tpavi = nn.ModuleDict({str(s): TPAVI(c, config.audio_dim) for s in self.tpavi_stages})
+        self.tpavi = nn.ModuleDict({str(s): TPAVI(c, config.audio_dim, audio_proj_bias=config.audio_proj_bias)
+                                    for s in self.tpavi_stages})
         # decoder[k] fuses stage k (the reference's path{k+1}); it runs from k = 3 down to 0.
         self.decoder = nn.ModuleList(FeatureFusionBlock(c) for _ in range(4))
         # The top block has one input, so its rcu1 never runs; the reference keeps it (and its checkpoint weights).
         # Frozen, so that DistributedDataParallel does not wait for gradients that never come.
         self.decoder[3].rcu1.requires_grad_(False)
-        self.head = make_head(c)
+        if config.mask_classes < 1:
+            raise ValueError("model.mask_classes = 0 must be resolved from the shards before the model is built")
+        self.head = make_head(c, config.mask_classes)
         self.crop_encoder = crop_encoder
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -156,33 +159,37 @@ class AVSModel(nn.Module):
             images = images.float() / 255.0
         return (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
 
-    def forward(self, frames: Tensor, audio: Tensor | None = None, crops: Tensor | None = None) -> AVSOutput:
+    def forward(self, frames: Tensor, audio: Tensor | None = None, crops: Tensor | None = None,
+                frame_valid: Tensor | None = None) -> AVSOutput:
         """Segment the sounding object.
 
         frames [B, T, 3, H, W] (uint8, or float in 0..1); audio [B, T, audio_dim] (required unless the model was
         built with ``audio=False``); crops [B, T, 3, h, w] of the annotated objects, only with a crop encoder.
         Crops go through the same forward so that DistributedDataParallel sees every parameter used.
+        frame_valid [B, T] bool (AVSS, DESIGN §14): 1 real, 0 padded; it multiplies the necks, the TPAVI outputs,
+        the decoder outputs and the logits, where the reference multiplies its per-frame flag, so padded frames give
+        zero logits. Padded frames skip the backbone (their maps are zeroed at the necks anyway).
         """
         B, T, _, H, W = frames.shape
         if self.tpavi_stages and (audio is None or audio.shape[:2] != (B, T)):
             raise ValueError(f"audio must be [B={B}, T={T}, {self.config.audio_dim}], "
                              f"got {None if audio is None else tuple(audio.shape)}")
-        x = self.normalize(frames.flatten(0, 1))  # [B·T, 3, H, W]
-        maps = [neck(f) for neck, f in zip(self.necks, self.backbone(x))]  # 4 × [B·T, C, h_k, w_k]
+        flag = None if frame_valid is None else frame_valid.reshape(B * T, 1, 1, 1).to(self.pixel_mean.dtype)
+        maps = [neck(f) for neck, f in zip(self.necks, self._backbone_maps(frames, frame_valid))]  # 4×[B·T,C,h,w]
+        maps = [_flagged(m, flag) for m in maps]
 
         audio_proj: dict[int, Tensor] = {}
         av_scores: dict[int, Tensor] = {}
         for s in self.tpavi_stages:
-            _, C, h, w = maps[s].shape
-            v = maps[s].view(B, T, C, h, w).transpose(1, 2)  # [B, C, T, h, w]
-            out = self.tpavi[str(s)](v, audio)
-            maps[s] = out.visual.transpose(1, 2).reshape(B * T, C, h, w)
-            audio_proj[s], av_scores[s] = out.audio_proj, out.av_scores
+            maps[s], audio_proj[s], av_scores[s] = self._tpavi(s, maps[s], audio, B, T)
+            maps[s] = _flagged(maps[s], flag)
 
         d, maps[3] = self.decoder[3](maps[3])  # [B·T, C, H/16, W/16]
+        d = _flagged(d, flag)
         for s in (2, 1, 0):
             d, maps[s] = self.decoder[s](d, maps[s])  # ends at [B·T, C, H/2, W/2]
-        logits = self.head(d).view(B, T, 1, H, W)
+            d = _flagged(d, flag)
+        logits = _flagged(self.head(d), flag).view(B, T, -1, H, W)
 
         output = AVSOutput(logits=logits, stage_maps=maps, audio_proj=audio_proj, av_scores=av_scores)
         if crops is not None:
@@ -196,6 +203,38 @@ class AVSModel(nn.Module):
             if audio is not None:
                 output.crop_audio = self.crop_encoder.project_audio(audio)
         return output
+
+    def _backbone_maps(self, frames: Tensor, frame_valid: Tensor | None) -> list[Tensor]:
+        """frames [B, T, 3, H, W] -> the four backbone maps [B·T, c_k, h_k, w_k]. With frame_valid, only real
+        frames run (in eval mode; BatchNorm in train mode needs the batch the reference gives it); padded frames get
+        zero maps, which the flag at the necks makes equivalent: the neck of a padded frame is multiplied by 0."""
+        x = self.normalize(frames.flatten(0, 1))  # [B·T, 3, H, W]
+        if frame_valid is not None:  # the reference's padded frames are zeros after the ImageNet normalisation
+            x = x * frame_valid.reshape(-1, 1, 1, 1).to(x.dtype)
+        if frame_valid is None or self.training or bool(frame_valid.all()):
+            return self.backbone(x)
+        keep = frame_valid.reshape(-1).bool()
+        real = self.backbone(x[keep])
+        out = []
+        for m in real:
+            full = m.new_zeros((x.shape[0], *m.shape[1:]))
+            full[keep] = m
+            out.append(full)
+        return out
+
+    def _tpavi(self, s: int, stage_map: Tensor, audio: Tensor, B: int, T: int) -> tuple[Tensor, Tensor, Tensor]:
+        """TPAVI at stage s over windows of `model.tpavi_window` frames (the AVSS reference: 5, so a 10-frame clip
+        is two independent windows). stage_map [B·T, C, h, w], audio [B, T, A] -> (map [B·T, C, h, w],
+        audio_proj [B, T, C], av_scores [B, T, h, w])."""
+        _, C, h, w = stage_map.shape
+        window = self.config.tpavi_window or T
+        if T % window:
+            raise ValueError(f"clips of T={T} frames do not split into TPAVI windows of {window}")
+        n = B * T // window
+        v = stage_map.view(n, window, C, h, w).transpose(1, 2)  # [B·T/window, C, window, h, w]
+        out = self.tpavi[str(s)](v, audio.reshape(n, window, -1))
+        visual = out.visual.transpose(1, 2).reshape(B * T, C, h, w)
+        return visual, out.audio_proj.reshape(B, T, C), out.av_scores.reshape(B, T, h, w)
 
     @property
     def crop_embedding_source(self) -> str:
@@ -217,6 +256,11 @@ class AVSModel(nn.Module):
             return self.backbone(x)[-1].mean(dim=(2, 3))  # [N, C4]
         shared = self.backbone if self.crop_encoder.trunk is None else None
         return self.crop_encoder(x, shared_trunk=shared).embedding  # [N, E]
+
+
+def _flagged(x: Tensor, flag: Tensor | None) -> Tensor:
+    """x [B·T, ...] times the per-frame flag [B·T, 1, 1, 1] (no-op without one)."""
+    return x if flag is None else x * flag
 
 
 def build_tpavi(config: ModelConfig) -> AVSModel:
@@ -249,8 +293,9 @@ class TPAVIKind(ModelKind):
     """The TPAVI segmentation model: masks from frames and audio, optionally a crop encoder with its losses."""
 
     options = ("backbone", "backbone_weights", "channels", "image_size", "tpavi_stages", "audio", "audio_dim",
-               "crop_mode", "crop_backbone", "crop_backbone_weights", "crop_embed_dim", "num_classes")
-    losses = {"bce": 1.0, "avm": 0.0, "crop_cls": 0.0, "crop_temporal": 0.0, "crop_audio": 0.0}
+               "crop_mode", "crop_backbone", "crop_backbone_weights", "crop_embed_dim", "num_classes",
+               "mask_classes", "audio_proj_bias", "tpavi_window")
+    losses = {"bce": 1.0, "ce": 0.0, "avm": 0.0, "crop_cls": 0.0, "crop_temporal": 0.0, "crop_audio": 0.0}
     best_metric = "overall.miou"
 
     def build(self, config: ModelConfig) -> AVSModel:
