@@ -101,3 +101,26 @@ def read_all(shards_dir):
                 values = handle[key].asstr()[()] if key in ("name", "split") else handle[key][()]
                 arrays.setdefault(key, []).append(values)
     return manifest, {key: np.concatenate(parts) for key, parts in arrays.items()}
+
+
+def synth_shards(root: Path, frames_per_clip: int, clips: int, size: int = 64, num_classes: int = 3,
+                 clips_per_shard: int = 4, other_masks: bool = True) -> Path:
+    """`avsprep synth` into `root/raw` + `avsprep crops` into `root/shards` (returned): crops of 32 px, and with
+    other-object masks (what the swap tests need) unless `other_masks=False`. The one synthetic-shards fixture."""
+    from click.testing import CliRunner
+
+    from avsprep.cli import main as avsprep_main
+
+    raw, out = root / "raw", root / "shards"
+    runner = CliRunner()
+    result = runner.invoke(avsprep_main, ["synth", "--out", str(raw), "--clips", str(clips), "--num-classes",
+                                          str(num_classes), "--size", str(size), "--frames-per-clip",
+                                          str(frames_per_clip)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(avsprep_main, [
+        "crops", "--voc", str(raw / "labels"), "--images", str(raw / "visual_frames"), "--masks", str(raw / "gt_masks"),
+        *(["--other-masks", str(raw / "other_masks")] if other_masks else []), "--audio", str(raw / "audio_wav"),
+        "--meta", str(raw / "meta.csv"), "--out", str(out), "--size", str(size), "--crop-size", "32",
+        "--frames-per-clip", str(frames_per_clip), "--clips-per-shard", str(clips_per_shard)])
+    assert result.exit_code == 0, result.output
+    return out

@@ -6,24 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from avsprep.cli import main as avsprep_main
+from helpers import synth_shards
 
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ddp")
-    runner = CliRunner()
-    assert runner.invoke(avsprep_main, ["synth", "--out", str(root / "d"), "--clips", "20", "--size", "64",
-                                        "--frames-per-clip", "2"]).exit_code == 0
-    d = root / "d"
-    result = runner.invoke(avsprep_main, ["crops", "--voc", str(d / "labels"), "--images", str(d / "visual_frames"),
-                                          "--masks", str(d / "gt_masks"), "--audio", str(d / "audio_wav"),
-                                          "--meta", str(d / "meta.csv"), "--out", str(root / "s"), "--size", "64",
-                                          "--crop-size", "32", "--frames-per-clip", "2", "--clips-per-shard", "4"])
-    assert result.exit_code == 0, result.output
-    return root / "s"
+    return synth_shards(tmp_path_factory.mktemp("ddp"), frames_per_clip=2, clips=20, num_classes=5, other_masks=False)
 
 
 def test_two_ranks_see_disjoint_clips_and_hold_identical_weights(shards, tmp_path):

@@ -19,25 +19,9 @@ from avstrain.evaluate import (DonorPicker, evaluate, format_table, read_split_t
                                visible_classes)
 from avstrain.metrics import f_measure, f_measure_avsbench, mask_iou
 from avstrain.models import build_model
-from helpers import crops_args, make_dataset
+from helpers import crops_args, make_dataset, synth_shards
 
 SIZE = 64
-
-
-def synth_shards(root: Path, frames_per_clip: int, clips: int) -> Path:
-    """`avsprep synth` + `avsprep crops` with other-object masks (what the swap test needs)."""
-    raw, out = root / "raw", root / "shards"
-    runner = CliRunner()
-    result = runner.invoke(avsprep_main, ["synth", "--out", str(raw), "--clips", str(clips), "--num-classes", "3",
-                                          "--size", str(SIZE), "--frames-per-clip", str(frames_per_clip)])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(avsprep_main, [
-        "crops", "--voc", str(raw / "labels"), "--images", str(raw / "visual_frames"), "--masks", str(raw / "gt_masks"),
-        "--other-masks", str(raw / "other_masks"), "--audio", str(raw / "audio_wav"), "--meta", str(raw / "meta.csv"),
-        "--out", str(out), "--size", str(SIZE), "--crop-size", "32", "--frames-per-clip", str(frames_per_clip),
-        "--clips-per-shard", "4"])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.fixture(scope="module")

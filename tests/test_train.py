@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from avsprep.cli import main as avsprep_main
+from helpers import synth_shards
 from avstrain.cli import main as avstrain_main
 from avstrain.config import ConfigError, build_config, config_to_toml, load_config
 from avstrain.train import train
@@ -18,19 +18,8 @@ TINY = ["--set", "model.backbone=resnet18", "--set", "model.channels=16", "--set
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("synth")
-    runner = CliRunner()
-    result = runner.invoke(avsprep_main, ["synth", "--out", str(root / "d"), "--clips", "24", "--size", "64",
-                                          "--frames-per-clip", "3"])
-    assert result.exit_code == 0, result.output
-    d = root / "d"
-    result = runner.invoke(avsprep_main, ["crops", "--voc", str(d / "labels"), "--images", str(d / "visual_frames"),
-                                          "--masks", str(d / "gt_masks"), "--other-masks", str(d / "other_masks"),
-                                          "--audio", str(d / "audio_wav"), "--meta", str(d / "meta.csv"),
-                                          "--out", str(root / "s"), "--size", "64", "--crop-size", "32",
-                                          "--frames-per-clip", "3", "--clips-per-shard", "8"])
-    assert result.exit_code == 0, result.output
-    return root / "s"
+    return synth_shards(tmp_path_factory.mktemp("synth"), frames_per_clip=3, clips=24, num_classes=5,
+                        clips_per_shard=8)
 
 
 def test_config_file_overrides_and_round_trip(tmp_path):
@@ -162,7 +151,7 @@ def test_predict_writes_avsbench_layout_and_score_reads_it(shards, tmp_path):
     assert {f.stem.rsplit("_", 1)[1] for f in files} == {"1", "2", "3"}
     assert set(np.unique(cv2.imread(str(files[0]), cv2.IMREAD_GRAYSCALE))) <= {0, 255}
 
-    gt = shards.parent / "d" / "gt_masks" / "test"
+    gt = shards.parent / "raw" / "gt_masks" / "test"
     result = runner.invoke(avstrain_main, ["score", "--pred", str(out), "--gt", str(gt), "--csv", str(tmp_path / "c.csv"),
                                            "--out", str(tmp_path / "s.json")])
     assert result.exit_code == 0, result.output

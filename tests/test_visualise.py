@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import soundfile
 from click.testing import CliRunner
-from helpers import make_dataset, tone, write_voc
+from helpers import make_dataset, synth_shards, tone, write_voc
 
 from avsprep.cli import main as avsprep_main
 from avstrain.cli import main as avstrain_main
@@ -47,18 +47,7 @@ def one_line_error(result, *words: str) -> None:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("vis")
-    runner = CliRunner()
-    raw, out = root / "raw", root / "shards"
-    result = runner.invoke(avsprep_main, ["synth", "--out", str(raw), "--clips", "24", "--num-classes", "3",
-                                          "--size", "64", "--frames-per-clip", str(T)])
-    assert result.exit_code == 0, result.output
-    result = runner.invoke(avsprep_main, [
-        "crops", "--voc", str(raw / "labels"), "--images", str(raw / "visual_frames"), "--masks", str(raw / "gt_masks"),
-        "--other-masks", str(raw / "other_masks"), "--audio", str(raw / "audio_wav"), "--meta", str(raw / "meta.csv"),
-        "--out", str(out), "--size", "64", "--crop-size", "32", "--frames-per-clip", str(T), "--clips-per-shard", "8"])
-    assert result.exit_code == 0, result.output
-    return out
+    return synth_shards(tmp_path_factory.mktemp("vis"), frames_per_clip=T, clips=24, clips_per_shard=8)
 
 
 @pytest.fixture(scope="module")
