@@ -1,4 +1,5 @@
-"""Read the AVSBench folder layout (S4 and MS3, DESIGN §3) into the clip records that `avsprep crops` shards.
+"""Read the AVSBench folder layout (S4 and MS3, DESIGN §3; AVSS, DESIGN §14, in `avsprep.avss`) into the clip
+records that `avsprep crops` shards.
 
 Both subsets as downloaded (`Single-source/`, `Multi-sources/`):
 
@@ -42,11 +43,12 @@ from avsprep.clips import (
     read_voc_folder,
 )
 from avsprep.crops import CropsConfig, CropsResult, run_crops
+from avsprep.avss import AVSS_FRAMES_PER_CLIP, VERSIONS, avss_clip, locate_avss, read_avss_classes, read_avss_rows
 from avsprep.errors import InputError
 
 log = logging.getLogger(__name__)
 
-SUBSETS = ("s4", "ms3")
+SUBSETS = ("s4", "ms3", "avss")
 SUBSET_FOLDERS = {"s4": "Single-source", "ms3": "Multi-sources"}
 
 
@@ -61,6 +63,7 @@ class AvsbenchOptions:
     boxes_from_masks: bool = False
     classes: Path | None = None  # class list file; default: CSV categories (+ VOC names), YOLO: its classes.txt
     frames_per_clip: int = 5
+    versions: str = "v1s,v1m,v2"  # AVSS only: the metadata `label`s to read
 
 
 @dataclass
@@ -94,6 +97,9 @@ def locate(root: Path, subset: str) -> AvsbenchLayout:
     root = Path(root)
     if subset not in SUBSETS:
         raise InputError(None, f"--subset must be one of {', '.join(SUBSETS)}, not {subset!r}")
+    if subset == "avss":
+        home = locate_avss(root)
+        return AvsbenchLayout(subset, home / "metadata.csv", home, home, home)
     if not root.is_dir():
         raise InputError(root, "directory does not exist")
     csv_name, data_name = f"{subset}_meta_data.csv", f"{subset}_data"
@@ -225,9 +231,37 @@ def _attach_yolo(root: Path, frames: dict[str, tuple[str, FrameSource]]) -> list
     return unmatched
 
 
+def discover_avss(options: AvsbenchOptions) -> AvsbenchDiscovery:
+    """The AVSS clips of the chosen versions (`avsprep.avss`), T = 10, colour masks of 71 classes; boxes from the
+    masks, one per class present. Per-clip problems are collected; a missing root, CSV or class map raises."""
+    versions = tuple(v.strip() for v in options.versions.split(",") if v.strip())
+    if not versions or set(versions) - set(VERSIONS):
+        raise InputError(None, f"--versions takes a comma-separated subset of {','.join(VERSIONS)}, "
+                               f"not {options.versions!r}")
+    layout = locate(options.root, "avss")
+    classes = read_avss_classes(layout.frames / "label2idx.json")
+    rows = read_avss_rows(layout.meta, versions)
+    problems: dict[str, InputError] = {}
+    clips = []
+    for row in rows:
+        try:
+            clips.append(avss_clip(layout.frames, row))
+        except InputError as error:
+            problems[row.uid] = error
+    clips.sort(key=lambda clip: clip.name)
+    log.info("AVSS %s: %d clips in %s, %d usable, %d classes", ",".join(versions), len(rows), layout.meta,
+             len(clips), len(classes))
+    has_other = any(frame.other_mask for clip in clips for frame in clip.frames)
+    return AvsbenchDiscovery(clips=clips, classes=classes, problems=dict(sorted(problems.items())),
+                             frames_per_clip=AVSS_FRAMES_PER_CLIP, has_audio=True, has_other_masks=has_other,
+                             source=layout.meta, layout=layout, mask_classes=len(classes) + 1)
+
+
 def discover_avsbench(options: AvsbenchOptions) -> AvsbenchDiscovery:
     """Every clip of the subset's CSV with its frames, masks, audio and boxes. Problems that belong to one clip (a
     missing frame or WAV, a malformed label file) are collected per clip; a missing root, CSV or folder raises."""
+    if options.subset == "avss":
+        return discover_avss(options)
     if sum((options.voc is not None, options.yolo is not None, options.boxes_from_masks)) > 1:
         raise InputError(None, "give at most one of --voc DIR, --yolo DIR and --boxes-from-masks")
     if options.frames_per_clip < 1:

@@ -212,14 +212,18 @@ def crops(**options):
 
 @main.command()
 @click.option("--root", required=True, type=click.Path(path_type=Path),
-              help="AVSBench download: the subset folder (Single-source/, Multi-sources/) or the one above them.")
-@click.option("--subset", required=True, type=click.Choice(["s4", "ms3"]))
+              help="AVSBench download: the subset folder (Single-source/, Multi-sources/, AVSBench-semantic/) or "
+                   "the one above them.")
+@click.option("--subset", required=True, type=click.Choice(["s4", "ms3", "avss"]))
+@click.option("--versions", default="v1s,v1m,v2", show_default=True,
+              help="AVSS: the metadata labels to read (T = 10 always; 5-frame clips are padded).")
 @annotation_options
 @click.option("--boxes-from-masks", is_flag=True, help="One box per frame: the bounding box of its mask.")
 @FRAMES_PER_CLIP
 @shard_options
 def avsbench(**options):
-    """AVSBench S4 / MS3 folders (metadata CSV, visual_frames, gt_masks, audio_wav) -> HDF5 shards."""
+    """AVSBench S4 / MS3 folders (metadata CSV, visual_frames, gt_masks, audio_wav) or AVSS (metadata.csv,
+    label2idx.json, <label>/<uid>/frames, labels_rgb, audio.wav) -> HDF5 shards."""
     from avsprep.avsbench import AvsbenchOptions, run_avsbench
     from avsprep.crops import CropsConfig
 

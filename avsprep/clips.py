@@ -100,6 +100,9 @@ class Discovery:
     has_audio: bool
     has_other_masks: bool
     source: Path | None = None  # what was read, named when no clip is usable
+    # 1: masks are 0/1 (any non-zero pixel); K > 1: colour masks of the AVSS palette, read as class indices, and
+    # clips may have fewer frames than frames_per_clip (the rest are zero frames with zero audio, frame_valid false).
+    mask_classes: int = 1
 
 
 def clip_pattern_regex(pattern: str) -> re.Pattern:

@@ -26,6 +26,7 @@ from avsprep.clips import ClipSource, Discovery, FrameSource
 from avsprep.embedding import EMBEDDING_DIM
 from avsprep.errors import InputError
 from avsprep.images import decode_image
+from avsprep.palette import colours_to_classes
 from avsprep import shards as shard_io
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ClipRecord:
     frames: np.ndarray  # [T,S,S,3] uint8 RGB
     masks: np.ndarray  # [T,S,S] uint8, 0/1
     mask_valid: np.ndarray  # [T] bool
+    frame_valid: np.ndarray  # [T] bool: false for the zero frames that pad a short clip (AVSS)
     crops: np.ndarray  # [T,c,c,3] uint8 RGB
     crop_valid: np.ndarray  # [T] bool
     boxes: np.ndarray  # [T,K,4] float32 normalised xyxy, NaN padded
@@ -99,6 +101,22 @@ def read_mask(path: Path) -> np.ndarray:
     """A mask PNG as 0/1 uint8 [H,W]: any non-zero pixel is object (covers 0/255 and palette masks)."""
     mask = decode_image(path, cv2.IMREAD_GRAYSCALE, "mask image")
     return (mask > 0).astype(np.uint8)
+
+
+def read_colour_mask(path: Path, num_classes: int) -> tuple[np.ndarray, int]:
+    """An AVSS colour mask PNG as class indices uint8 [H,W] by the palette (DESIGN §14) and the number of
+    off-palette pixels (read as background). InputError for a mask that is not RGB."""
+    image = decode_image(path, cv2.IMREAD_UNCHANGED, "colour mask")
+    if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
+        shape = "grayscale" if image.ndim == 2 else f"{image.shape[2]}-channel {image.dtype}"
+        raise InputError(path, f"colour mask is {shape}, expected 8-bit RGB (the AVSS palette)")
+    return colours_to_classes(cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB), num_classes)
+
+
+def class_boxes(classes: np.ndarray, width: int, height: int, names: list[str]) -> list[Box]:
+    """One box per class present in a class-index mask [h,w] (index c is names[c - 1]), in frame pixels."""
+    return [box for c in np.unique(classes) if c > 0
+            for box in mask_boxes((classes == c).astype(np.uint8), width, height, names[c - 1])]
 
 
 def resize(image: np.ndarray, size: int, nearest: bool = False) -> np.ndarray:
@@ -135,8 +153,10 @@ def mask_boxes(mask: np.ndarray, width: int, height: int, name: str) -> list[Box
 class ClipBuilder:
     """Builds ClipRecords; one per process, because it holds the audio embedder."""
 
-    def __init__(self, config: CropsConfig, classes: list[str], frames_per_clip: int, has_other_masks: bool):
+    def __init__(self, config: CropsConfig, classes: list[str], frames_per_clip: int, has_other_masks: bool,
+                 mask_classes: int = 1):
         self.config = config
+        self.mask_classes = mask_classes
         self.classes = classes
         self.class_index = {name: i for i, name in enumerate(classes)}
         self.T = frames_per_clip
@@ -154,9 +174,10 @@ class ClipBuilder:
                 decoded[frame.image] = read_image(frame.image)
             self._add_frame(arrays, t, frame, decoded[frame.image], clip.category, report, box_names)
         report["frames_padded"] += clip.padded_frames
+        arrays["frame_valid"][:len(clip.frames)] = True  # frames after a short clip stay zero (AVSS padding)
         report.update(clip.report)
         audio = self._embed_audio(clip, report)
-        label, sounding = self._labels(clip, box_names)
+        label, sounding = self._labels(clip, box_names, arrays["masks"], arrays["mask_valid"])
         return ClipRecord(name=clip.name, split=clip.split, **arrays, audio=audio, label=label, sounding=sounding,
                           other_label=self.class_index.get(clip.other_category or "", -1), report=report)
 
@@ -164,7 +185,8 @@ class ClipBuilder:
         """The per-frame arrays of one clip, as a clip without masks or boxes has them."""
         S, c, K, T = self.config.size, self.config.crop_size, self.config.max_boxes, self.T
         return {"frames": np.zeros((T, S, S, 3), np.uint8), "masks": np.zeros((T, S, S), np.uint8),
-                "mask_valid": np.zeros(T, bool), "crops": np.zeros((T, c, c, 3), np.uint8),
+                "mask_valid": np.zeros(T, bool), "frame_valid": np.zeros(T, bool),
+                "crops": np.zeros((T, c, c, 3), np.uint8),
                 "crop_valid": np.zeros(T, bool), "boxes": np.full((T, K, 4), np.nan, np.float32),
                 "other_masks": np.zeros((T, S, S), np.uint8) if self.has_other_masks else None}
 
@@ -174,10 +196,11 @@ class ClipBuilder:
         S, c, K = self.config.size, self.config.crop_size, self.config.max_boxes
         height, width = image.shape[:2]
         arrays["frames"][t] = resize(image, S)
-        mask = read_mask(frame.mask) if frame.mask is not None else None
+        mask = self._read_mask(frame.mask, report) if frame.mask is not None else None
         frame_boxes = self._frame_boxes(frame, width, height, report)
-        if not frame_boxes and mask is not None and self.config.boxes_from_masks:
-            frame_boxes = mask_boxes(mask, width, height, category or "")
+        if not frame_boxes and mask is not None and (self.config.boxes_from_masks or self.mask_classes > 1):
+            frame_boxes = (class_boxes(mask, width, height, self.classes) if self.mask_classes > 1
+                           else mask_boxes(mask, width, height, category or ""))
             report["mask_boxes"] += len(frame_boxes)
         # Mask boxes of a clip without a category (AVSBench MS3) have no class: they give crops, not labels.
         box_names.update(box.name for box in frame_boxes if box.name in self.class_index)
@@ -194,21 +217,37 @@ class ClipBuilder:
         if arrays["other_masks"] is not None and frame.other_mask is not None:
             arrays["other_masks"][t] = resize(read_mask(frame.other_mask), S, nearest=True)
 
+    def _read_mask(self, path: Path, report: Counter) -> np.ndarray:
+        """0/1 [H,W] for binary shards; class indices [H,W] for semantic ones (off-palette pixels counted)."""
+        if self.mask_classes == 1:
+            return read_mask(path)
+        classes, off_palette = read_colour_mask(path, self.mask_classes)
+        report["mask_off_palette_pixels"] += off_palette
+        return classes
+
     def _embed_audio(self, clip: ClipSource, report: Counter) -> np.ndarray:
-        """[T,E] float32: one embedding per second of the clip's audio; zeros for a clip without audio."""
+        """[T,E] float32: one embedding per second of the clip's audio; zeros for a clip without audio, and zeros
+        for the seconds after a short clip's last frame (AVSS pads so: zero examples, not repeated ones)."""
+        audio = np.zeros((self.T, EMBEDDING_DIM), np.float32)
         if clip.audio is None:
-            return np.zeros((self.T, EMBEDDING_DIM), np.float32)
-        examples, padded = audio_lib.clip_examples(clip.audio, self.T)
+            return audio
+        seconds = min(len(clip.frames), self.T)
+        examples, padded = audio_lib.clip_examples(clip.audio, seconds)
         report["audio_padded_seconds"] += padded
         report["audio_padded_clips"] += bool(padded)
-        return self.embedder.embed(examples).astype(np.float32)
+        audio[:seconds] = self.embedder.embed(examples)
+        return audio
 
-    def _labels(self, clip: ClipSource, box_names: Counter) -> tuple[int, np.ndarray]:
+    def _labels(self, clip: ClipSource, box_names: Counter, masks: np.ndarray,
+                mask_valid: np.ndarray) -> tuple[int, np.ndarray]:
         """(primary class, -1: none; sounding [C] bool) from the clip's metadata and its boxes' classes."""
         sounding = np.zeros(len(self.classes), bool)
         for name in (*box_names, *clip.sounding_categories, *([clip.category] if clip.category else [])):
             if name in self.class_index:
                 sounding[self.class_index[name]] = True
+        if self.mask_classes > 1:  # semantic masks: every class seen in a mask (index c is class c - 1)
+            present = np.unique(masks[mask_valid]) if mask_valid.any() else np.zeros(0, np.uint8)
+            sounding[present[present > 0].astype(np.intp) - 1] = True
         if clip.category in self.class_index:
             return self.class_index[clip.category], sounding
         if box_names:
@@ -253,13 +292,13 @@ def negative_audio_embeddings(embedder, frames_per_clip: int, noise_clips: int =
 _worker: dict = {}
 
 
-def _init_worker(config, classes, frames_per_clip, has_other_masks, progress) -> None:
+def _init_worker(config, classes, frames_per_clip, has_other_masks, mask_classes, progress) -> None:
     """Set up a process: its own embedder, one thread (the processes are the parallelism)."""
     # One thread per process for OpenCV and BLAS: the processes are the parallelism, and BLAS threads spinning
     # on the small log-mel products slowed a whole single-process run down 2x in profiles.
     cv2.setNumThreads(1)
     threadpool_limits(1)
-    _worker["builder"] = ClipBuilder(config, classes, frames_per_clip, has_other_masks)
+    _worker["builder"] = ClipBuilder(config, classes, frames_per_clip, has_other_masks, mask_classes)
     # After the builder: its VGGish embedder is what imports torch (never imported for nothing)
     if "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)
@@ -309,7 +348,8 @@ def run_crops(found: Discovery, config: CropsConfig,
         frames_per_clip=found.frames_per_clip, size=config.size, crop_size=config.crop_size,
         max_boxes=config.max_boxes, classes=found.classes, embedder=config.embedder,
         has_other_masks=found.has_other_masks, has_audio=found.has_audio,
-        box_source="masks" if config.boxes_from_masks else "annotations",
+        box_source="masks" if config.boxes_from_masks or found.mask_classes > 1 else "annotations",
+        mask_classes=found.mask_classes,
     )
     plans = shard_io.plan_shards(found.clips, out, settings, config.clips_per_shard,
                                  config.num_parts, config.part_index)
@@ -320,7 +360,7 @@ def run_crops(found: Discovery, config: CropsConfig,
     report_progress = (lambda n: progress(n, total)) if progress else (lambda n: None)
     report_progress(sum(plan.clips_planned for plan in plans if plan.index in done))
     log.info("%d shards to write, %d already complete", len(todo), len(done))
-    worker_args = (config, found.classes, found.frames_per_clip, found.has_other_masks)
+    worker_args = (config, found.classes, found.frames_per_clip, found.has_other_masks, found.mask_classes)
     done.update((info.index, info) for info in _build_shards(todo, worker_args, config.workers, report_progress))
 
     infos = [done[plan.index] for plan in plans]

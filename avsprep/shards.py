@@ -5,14 +5,21 @@ name and shard j holds clips [j*N, (j+1)*N) of that order (DESIGN §10), which m
 processes or machines deterministic. Each shard is written under a temporary name and renamed when complete;
 `manifest.json` is written last and lists only complete shards, with a sha256 per dataset over its raw bytes
 (the HDF5 file's own metadata may differ between library versions; the arrays may not).
+
+Schema v2 (DESIGN §16) keeps nothing in the HDF5 global heap, where two or three flipped bytes can send libhdf5 into
+an endless loop: strings are fixed-length UTF-8, the attributes fixed-length byte strings of JSON. Every dataset
+carries a fletcher32 checksum per chunk, so a damaged chunk fails when it is read; fletcher32 does not cover the
+attributes, so `open_shard` holds them against the manifest. v1 shards (variable-length strings, no fletcher32)
+still read.
 """
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
-from collections import Counter
+from collections import Counter, OrderedDict
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,7 +48,7 @@ class ShardField:
 
     name: str  # the dataset, and the ClipRecord attribute that holds one clip's value
     shape: tuple[str | int, ...]  # template over the dims of `shard_dims`, e.g. ("N", "T", "S", "S", 3)
-    dtype: str  # numpy dtype name, or "str": UTF-8 strings (h5py reads them back as dtype object)
+    dtype: str  # numpy dtype name, or "str": UTF-8 strings, fixed-length in v2 (`asstr()` reads them as object)
     meaning: str
     only_if: str | None = None  # the ShardSettings / manifest flag without which a shard lacks this dataset
 
@@ -55,7 +62,11 @@ class ShardField:
         return "object" if self.is_string else self.dtype
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # v1: variable-length strings and attributes, no fletcher32
+# Superblock and object headers of HDF5 1.8, which carry checksums (so more metadata damage is found on opening) and
+# store an attribute over 64 KiB (a long `skipped` list) densely, in a fractal heap: still not the global heap.
+LIBVER = ("v108", "latest")
 SHARD_SCHEMA: tuple[ShardField, ...] = (
     ShardField("frames", ("N", "T", "S", "S", 3), "uint8", "RGB frames resized to S×S (area interpolation)"),
     ShardField("masks", ("N", "T", "S", "S"), "uint8", "sounding-object masks, 0/1 (nearest-neighbour resize)"),
@@ -199,18 +210,28 @@ def dataset_checksum(values: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def fixed_length_strings(values: list[str]) -> np.ndarray:
+    """[N] fixed-length UTF-8 (as long as the longest encoded value), which h5py stores outside the global heap."""
+    encoded = [value.encode() for value in values]
+    return np.array(encoded, dtype=h5py.string_dtype("utf-8", max([len(v) for v in encoded], default=0) or 1))
+
+
+def json_attribute(value) -> np.bytes_:
+    """A JSON attribute as a fixed-length byte string (a Python str would be variable-length, in the global heap)."""
+    return np.bytes_(json.dumps(value, sort_keys=True).encode())
+
+
+def attribute_text(handle: h5py.File, key: str) -> str:
+    """An attribute written as text: bytes in v2, str in v1. KeyError if absent."""
+    value = handle.attrs[key]
+    return value.decode() if isinstance(value, (bytes, np.bytes_)) else str(value)
+
+
 def _info_from_file(path: Path, handle: h5py.File) -> ShardInfo:
-    return ShardInfo(
-        index=int(handle.attrs["index"]),
-        file=path.name,
-        clips=int(handle["name"].shape[0]),
-        splits=json.loads(handle.attrs["splits"]),
-        classes=json.loads(handle.attrs["classes"]),
-        checksums=json.loads(handle.attrs["checksums"]),
-        bytes=path.stat().st_size,
-        skipped=json.loads(handle.attrs["skipped"]),
-        report=json.loads(handle.attrs["report"]),
-    )
+    attribute = {key: json.loads(attribute_text(handle, key)) for key in ("splits", "classes", "checksums",
+                                                                          "skipped", "report")}
+    return ShardInfo(index=int(handle.attrs["index"]), file=path.name, clips=int(handle["name"].shape[0]),
+                     bytes=path.stat().st_size, **attribute)
 
 
 def complete_shard(plan: ShardPlan) -> ShardInfo | None:
@@ -222,7 +243,7 @@ def complete_shard(plan: ShardPlan) -> ShardInfo | None:
         return None
     try:
         with h5py.File(plan.path, "r") as handle:
-            if handle.attrs.get("fingerprint") != plan.fingerprint:
+            if "fingerprint" not in handle.attrs or attribute_text(handle, "fingerprint") != plan.fingerprint:
                 log.info("%s was planned differently: rewriting it", plan.path.name)
                 return None
             info = _info_from_file(plan.path, handle)
@@ -235,7 +256,7 @@ def complete_shard(plan: ShardPlan) -> ShardInfo | None:
 def _stacked(field: ShardField, records: list, dims: dict[str, int]) -> np.ndarray:
     """One field of every record, [N, ...] in the field's dtype."""
     if field.is_string:
-        return np.array([getattr(record, field.name) for record in records], dtype=object)
+        return fixed_length_strings([getattr(record, field.name) for record in records])
     if not records:
         return np.zeros(field_shape(field, dims, 0), field.dtype)
     return np.stack([getattr(record, field.name) for record in records]).astype(field.dtype, copy=False)
@@ -257,24 +278,22 @@ def write_shard(plan: ShardPlan, records: list, skipped: list[dict], compression
 
     temporary = plan.path.with_name(plan.path.name + f"{TEMPORARY_SUFFIX}-{os.getpid()}")
     # Room for the uncompressed arrays: an upper bound of the file but for its metadata (measured: 13 kB)
-    reserve = sum(v.nbytes for v in arrays.values()) + sum(len(v.encode()) + 16 for v in strings["name"]) * 2 + 2**16
-    with _writing(temporary, plan.path, reserve), h5py.File(temporary, "w", track_order=False) as handle:
-        for key, values in arrays.items():
-            # One chunk per clip: a reader gets a whole clip in one read, and nothing more.
-            # (no chunks for an empty dataset: `sounding` of a dataset without classes, AVSBench MS3)
-            chunks = (1, *values.shape[1:]) if values.size and values.ndim > 1 else None
-            handle.create_dataset(key, data=values, chunks=chunks, track_times=False,
-                                  compression=compression if chunks else None)
-        for key, values in strings.items():
-            handle.create_dataset(key, data=values, dtype=h5py.string_dtype(), track_times=False)
+    reserve = sum(v.nbytes for v in arrays.values()) + sum(v.nbytes for v in strings.values()) * 2 + 2**16
+    attributes = {"splits": Counter(value.decode() for value in strings["split"].tolist()), "classes": class_counts,
+                  "checksums": checksums, "skipped": skipped, "report": report}
+    with _writing(temporary, plan.path, reserve), \
+            h5py.File(temporary, "w", track_order=False, libver=LIBVER) as handle:
+        for key, values in {**arrays, **strings}.items():
+            # One chunk per clip: a reader gets a whole clip in one read, and nothing more. 1-D datasets (labels,
+            # names) and empty ones (`sounding` without classes) take h5py's chunks: fletcher32 needs chunks.
+            chunks = (1, *values.shape[1:]) if values.size and values.ndim > 1 else True
+            handle.create_dataset(key, data=values, chunks=chunks, track_times=False, fletcher32=True,
+                                  compression=compression if values.size and values.ndim > 1 else None)
         handle.attrs["schema_version"] = SCHEMA_VERSION
         handle.attrs["index"] = plan.index
-        handle.attrs["fingerprint"] = plan.fingerprint
-        handle.attrs["splits"] = json.dumps(dict(sorted(Counter(strings["split"].tolist()).items())))
-        handle.attrs["classes"] = json.dumps(dict(sorted(class_counts.items())))
-        handle.attrs["checksums"] = json.dumps(checksums, sort_keys=True)
-        handle.attrs["skipped"] = json.dumps(skipped)
-        handle.attrs["report"] = json.dumps(dict(sorted(report.items())))
+        handle.attrs["fingerprint"] = np.bytes_(plan.fingerprint.encode())
+        for key, value in attributes.items():
+            handle.attrs[key] = json_attribute(value)
     os.replace(temporary, plan.path)
     with h5py.File(plan.path, "r") as handle:
         return _info_from_file(plan.path, handle)
@@ -289,9 +308,9 @@ def write_negatives(out: Path, embeddings: dict[str, np.ndarray]) -> dict:
     embeddings = {key: values.astype(np.float32) for key, values in embeddings.items()}
     temporary = path.with_name(path.name + f"{TEMPORARY_SUFFIX}-{os.getpid()}")
     reserve = sum(v.nbytes for v in embeddings.values()) + 2**16
-    with _writing(temporary, path, reserve), h5py.File(temporary, "w", track_order=False) as handle:
+    with _writing(temporary, path, reserve), h5py.File(temporary, "w", track_order=False, libver=LIBVER) as handle:
         for key, values in embeddings.items():
-            handle.create_dataset(key, data=values, track_times=False)
+            handle.create_dataset(key, data=values, chunks=True, fletcher32=True, track_times=False)
     os.replace(temporary, path)
     return {"file": NEGATIVES, "checksums": {key: dataset_checksum(v) for key, v in embeddings.items()},
             "shapes": {key: list(v.shape) for key, v in embeddings.items()}}
@@ -312,7 +331,8 @@ def manifest_name(num_parts: int, part_index: int) -> str:
 
 
 def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], clips_per_shard: int,
-                   num_parts: int, part_index: int, discovery_skips: list[dict], negatives: dict | None = None) -> dict:
+                   num_parts: int, part_index: int, discovery_skips: list[dict], negatives: dict | None = None,
+                   schema_version: int = SCHEMA_VERSION) -> dict:
     """Write the manifest (atomically) listing the complete shards of this part; returns it."""
     splits: Counter = Counter()
     classes: Counter = Counter()
@@ -322,7 +342,7 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
         classes.update(info.classes)
         report.update(info.report)
     manifest = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": schema_version,  # merge_parts keeps its parts' version
         "frames_per_clip": settings.frames_per_clip,
         "image_size": settings.size,
         "crop_size": settings.crop_size,
@@ -408,7 +428,8 @@ def merge_parts(part_dirs: list[Path], out: Path) -> dict:
         if source.resolve() != (out / NEGATIVES).resolve():
             shutil.copyfile(source, out / NEGATIVES)
         negatives = first["negatives"]
-    return write_manifest(out, settings, infos, first["clips_per_shard"], 1, 0, discovery_skips, negatives)
+    return write_manifest(out, settings, infos, first["clips_per_shard"], 1, 0, discovery_skips, negatives,
+                          first["schema_version"])
 
 
 def read_manifest(shards_dir: Path) -> dict:
@@ -420,9 +441,9 @@ def read_manifest(shards_dir: Path) -> dict:
         raise InputError(path, "no manifest: not a shard folder, or `avsprep crops` has not finished") from None
     except (OSError, ValueError) as error:
         raise InputError(path, f"unreadable manifest ({error})") from None
-    if not isinstance(manifest, dict) or manifest.get("schema_version") != SCHEMA_VERSION:
-        raise InputError(path, f"schema version {manifest.get('schema_version') if isinstance(manifest, dict) else '?'}"
-                               f" is not {SCHEMA_VERSION}")
+    version = manifest.get("schema_version") if isinstance(manifest, dict) else "?"
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise InputError(path, f"schema version {version} is not one of {', '.join(map(str, READABLE_VERSIONS))}")
     problem = _manifest_problem(manifest)
     if problem:
         raise InputError(path, f"damaged manifest: {problem}")
@@ -490,12 +511,27 @@ def open_shard(shards_dir: Path, manifest: dict, entry: dict) -> h5py.File:
         raise InputError(path, f"cannot read shard ({error}); `avsprep inspect --verify` checks them all") from None
     try:
         problems = schema_problems(handle, manifest, entry["clips"])
+        if not problems and manifest["schema_version"] >= 2:
+            problems = attribute_problems(handle, entry)
     except HDF5_READ_ERRORS as error:  # HDF5 metadata damaged past the superblock
         problems = [f"cannot read shard ({error})"]
     if problems:
         handle.close()
         raise InputError(path, problems[0])
     return handle
+
+
+def attribute_problems(handle: h5py.File, entry: dict) -> list[str]:
+    """Where a v2 shard's attributes disagree with its manifest entry, or are not the JSON written (fletcher32
+    covers only the datasets). Reads no dataset. Empty when they agree."""
+    try:
+        info = _info_from_file(Path(handle.filename), handle)
+        attribute_text(handle, "fingerprint")
+    except (*HDF5_READ_ERRORS, UnicodeDecodeError) as error:
+        return [f"damaged attributes ({error})"]
+    wrong = [key for key in ("clips", "splits", "checksums") if getattr(info, key) != entry[key]]
+    wrong += [] if isinstance(info.skipped, list) and isinstance(info.report, dict) else ["skipped/report"]
+    return [f"attributes {', '.join(wrong)} do not match the manifest"] if wrong else []
 
 
 def verify(shards_dir: Path, progress=None) -> list[str]:
@@ -507,12 +543,18 @@ def verify(shards_dir: Path, progress=None) -> list[str]:
         try:
             with h5py.File(path, "r") as handle:
                 wrong = schema_problems(handle, manifest, entry["clips"])
+                if not wrong and manifest["schema_version"] >= 2:
+                    wrong = attribute_problems(handle, entry)
                 problems.extend(f"{path}: {problem}" for problem in wrong)
                 for key in expected_shapes(manifest, entry["clips"]):
                     if any(problem.startswith((f"{key} ", f"dataset {key!r}")) for problem in wrong):
                         continue
                     dataset = handle[key]
-                    values = dataset.asstr()[()] if key in STRING_DATASETS else dataset[()]
+                    try:
+                        values = dataset.asstr()[()] if key in STRING_DATASETS else dataset[()]
+                    except HDF5_READ_ERRORS as error:  # fletcher32 found a damaged chunk
+                        problems.append(f"{path}: dataset {key}: cannot read ({_first_line(error)})")
+                        continue
                     if dataset_checksum(np.asarray(values)) != entry["checksums"].get(key):
                         problems.append(f"{path}: checksum of {key} does not match the manifest")
         except HDF5_READ_ERRORS as error:
@@ -555,6 +597,7 @@ def summarize(shards_dir: Path, skip_unreadable: bool = False) -> dict:
             per_split_class.setdefault(split, Counter())[name] += 1
     return {
         "shards_dir": str(shards_dir),
+        "schema_version": manifest["schema_version"],
         "clips": manifest["clips"],
         "splits": manifest["splits"],
         "clips_per_split_and_class": {s: dict(sorted(c.items())) for s, c in sorted(per_split_class.items())},
@@ -568,3 +611,94 @@ def summarize(shards_dir: Path, skip_unreadable: bool = False) -> dict:
         "skipped": len(manifest["skipped"]),
         "report": manifest["report"],
     }
+
+
+class _RowReader:
+    """Reads one row (one clip, one chunk) of a dataset through h5py's low-level API, into a new array: one HDF5
+    call per read, without h5py's selection machinery (most of the cost of a small read)."""
+
+    def __init__(self, dataset: h5py.Dataset):
+        self.dataset = dataset
+        self.row_shape = tuple(dataset.shape[1:])
+        self.string = h5py.check_string_dtype(dataset.dtype) is not None
+        self.variable = h5py.check_vlen_dtype(dataset.dtype) is not None  # v1 strings: through h5py
+        self.dtype = dataset.dtype
+        self.file_space = dataset.id.get_space()
+        self.memory_space = h5py.h5s.create_simple(self.row_shape or (1,))
+        self.count = (1, *self.row_shape)
+
+    def missing_chunks(self) -> int:
+        """How many of the dataset's chunks its chunk index lacks. HDF5 reads a chunk it cannot find as the fill
+        value, silently: a damaged index (found by fuzzing) would give zeros that fletcher32 never sees."""
+        chunks = self.dataset.chunks
+        if chunks is None:
+            return 0
+        expected = set(itertools.product(*(range(0, size, step) for size, step in zip(self.dataset.shape, chunks))))
+        found: set[tuple] = set()
+        self.dataset.id.chunk_iter(lambda info: found.add(tuple(info.chunk_offset)))
+        return len(expected - found)
+
+    def read(self, row: int) -> np.ndarray | str:
+        """[row] of the dataset: an array of the row's shape, or a str for a string dataset."""
+        if self.variable:
+            return self.dataset.asstr()[row]
+        out = np.empty(self.row_shape, self.dtype)
+        self.file_space.select_hyperslab((row, *(0,) * len(self.row_shape)), self.count)
+        self.dataset.id.read(self.memory_space, self.file_space, out)
+        return out[()].decode() if self.string else out
+
+
+class ShardReader:
+    """Clips of a shard folder by (shard file, row), as dicts of numpy arrays; torch-free (the fuzz test reads
+    damaged shards with only this and h5py imported). A damaged chunk (fletcher32) or HDF5 structure is an
+    InputError naming the shard and the dataset.
+
+    Open shards are kept least recently used first, each with its datasets looked up once (h5py's `handle[key]`
+    costs as much as the read of a small chunk); at most `max_open`: each open file holds ~1 MiB of HDF5 metadata
+    cache."""
+
+    def __init__(self, shards_dir: Path, fields: tuple[str, ...], max_open: int = 8):
+        self.shards_dir, self.fields, self.max_open = Path(shards_dir), fields, max_open
+        self._open: OrderedDict[str, tuple[h5py.File, dict[str, _RowReader]]] = OrderedDict()
+
+    def _readers(self, file: str) -> dict[str, _RowReader]:
+        if file in self._open:
+            self._open.move_to_end(file)
+            return self._open[file][1]
+        if len(self._open) >= self.max_open:
+            self._open.popitem(last=False)[1][0].close()
+        path = self.shards_dir / file
+        try:
+            handle = h5py.File(path, "r")
+            readers = {key: _RowReader(handle[key]) for key in self.fields if key in handle}
+            missing = {key: reader.missing_chunks() for key, reader in readers.items()}
+        except HDF5_READ_ERRORS as error:
+            raise InputError(path, f"cannot read shard ({_first_line(error)})") from None
+        for key, count in missing.items():
+            if count:
+                handle.close()
+                raise InputError(path, f"dataset {key}: {count} chunks missing from its index (damaged shard)")
+        self._open[file] = (handle, readers)
+        return readers
+
+    def read_clip(self, file: str, row: int) -> dict[str, np.ndarray]:
+        """One clip: each of `fields` the shard has, [row] of the dataset (strings as str)."""
+        clip = {}
+        for key, reader in self._readers(file).items():
+            try:
+                clip[key] = reader.read(row)
+            except HDF5_READ_ERRORS as error:
+                raise InputError(self.shards_dir / file, f"dataset {key}: cannot read clip {row}, damaged "
+                                 f"({_first_line(error)}); `avsprep inspect --verify` checks every shard") from None
+        return clip
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1][0].close()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_open": OrderedDict()}  # open HDF5 handles do not cross process boundaries
+
+
+def _first_line(error: Exception) -> str:
+    return (str(error).splitlines() or [type(error).__name__])[0]

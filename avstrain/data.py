@@ -12,24 +12,24 @@ from __future__ import annotations
 
 import logging
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import h5py
 import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from avsprep.errors import InputError
-from avsprep.shards import HDF5_READ_ERRORS, SHARD_SCHEMA, open_shard, read_manifest
+from avsprep.shards import HDF5_READ_ERRORS, SHARD_SCHEMA, ShardReader, open_shard, read_manifest
 
 log = logging.getLogger(__name__)
 
 MAX_OPEN_SHARDS = 8
 # The arrays every shard has (the strings and the optional datasets are read apart): from the one schema table.
 CLIP_FIELDS = tuple(field.name for field in SHARD_SCHEMA if field.only_if is None and not field.is_string)
+READ_FIELDS = (*CLIP_FIELDS, *(field.name for field in SHARD_SCHEMA
+                               if field.only_if in ("has_other_masks", "has_frame_valid")), "name")
 
 
 @dataclass
@@ -90,10 +90,9 @@ class ShardDataset(IterableDataset):
         self.index = self._index_split()
         if not self.index:
             raise InputError(self.shards_dir, f"no clips of split {split!r}")
-        # Open shards, least recently used first, each with its datasets looked up once (h5py's `handle[key]` costs
-        # as much as the read of a small chunk). At most MAX_OPEN_SHARDS: each open file holds ~1 MiB of HDF5
-        # metadata cache, which grew a worker's memory with the size of the dataset.
-        self._open: OrderedDict[str, dict] = OrderedDict()
+        # At most MAX_OPEN_SHARDS open: each open file holds ~1 MiB of HDF5 metadata cache, which grew a worker's
+        # memory with the size of the dataset.
+        self.reader = ShardReader(self.shards_dir, READ_FIELDS, MAX_OPEN_SHARDS)
 
     @property
     def classes(self) -> list[str]:
@@ -173,30 +172,9 @@ class ShardDataset(IterableDataset):
             out.append(buffer.pop(int(rng.integers(len(buffer)))))
         return out
 
-    def _datasets(self, file: str) -> dict:
-        datasets = self._open.get(file)
-        if datasets is not None:
-            self._open.move_to_end(file)
-            return datasets
-        if len(self._open) >= MAX_OPEN_SHARDS:
-            self._open.popitem(last=False)[1]["_handle"].close()
-        handle = h5py.File(self.shards_dir / file, "r")
-        fields = [*CLIP_FIELDS, *(("other_masks", "other_label") if "other_masks" in handle else ())]
-        datasets = {key: handle[key] for key in fields}
-        datasets["name"] = handle["name"].asstr()
-        datasets["_handle"] = handle
-        self._open[file] = datasets
-        return datasets
-
     def read_clip(self, file: str, row: int) -> dict[str, np.ndarray]:
-        """One clip's arrays, one chunk read per dataset."""
-        try:
-            clip = {key: dataset[row] for key, dataset in self._datasets(file).items() if key != "_handle"}
-        except HDF5_READ_ERRORS as error:
-            # The schema was checked on opening; this is damage inside the data (a corrupt compressed chunk)
-            raise InputError(self.shards_dir / file, f"cannot read clip {row} ({error}); "
-                                                     "`avsprep inspect --verify` checks every shard") from None
-        return clip
+        """One clip's arrays, one chunk read per dataset (InputError naming the shard and dataset if damaged)."""
+        return self.reader.read_clip(file, row)
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -206,14 +184,10 @@ class ShardDataset(IterableDataset):
         order = self.consumer_order(stream, num_workers)[skips[stream]:]
         for file, row in order:
             clip = self.read_clip(file, row)
+            if "frame_valid" not in clip:  # shards written before issue 15: every frame is real
+                clip["frame_valid"] = np.ones(len(clip["mask_valid"]), bool)
             if self.augmentation is not None:
                 # Seeded per clip, so skipping (resume) or another worker count leaves each clip's draw unchanged.
                 shard = int(file.removeprefix("shard-").removesuffix(".h5"))
                 _apply_augmentation(clip, self.augmentation, np.random.default_rng([self.seed, self.epoch, shard, row]))
             yield {key: value if key == "name" else torch.as_tensor(np.asarray(value)) for key, value in clip.items()}
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_open"] = OrderedDict()  # open HDF5 handles do not cross process boundaries
-        return state
-

@@ -238,7 +238,13 @@ def evaluate(model: nn.Module, shards_dir: str | Path, split: str = "test", devi
     first clips of the split only. The model is moved to `device`, run in eval mode, and left in the mode it had.
     Returns {"split", "overall": {"miou", "f", "f_avsbench", "clips", "frames"},
     "per_class": {name: {"miou", "f", "clips"}}} (name "none" for clips without a class).
+    A semantic model (`model.mask_classes` > 1) is scored by the official AVSS metric (`evaluate_semantic`).
     """
+    from avstrain.semantic_eval import evaluate_semantic, is_semantic  # it reads this module's helpers
+
+    if is_semantic(model):
+        return evaluate_semantic(model, shards_dir, split, device, amp_dtype, batch_size, num_workers, max_clips,
+                                 progress)
     device = torch.device(device)
     dataset = _eval_dataset(shards_dir, split)
     table = read_split_table(dataset)

@@ -2,17 +2,25 @@
 TPAVI windows, the CE and semantic AVM losses, the AVSS checkpoint layouts, the import and the recipe's smoke."""
 from __future__ import annotations
 
+import csv
+import json
 import re
 
+import cv2
+import numpy as np
 import pytest
+import soundfile
 import torch
 import torch.nn.functional as F
+from click.testing import CliRunner
+
+from avsprep.cli import main as avsprep_main
 
 from avstrain.config import ModelConfig
 from avstrain.losses import avm_kl_loss, avm_semantic_loss, semantic_ce_loss
 from avstrain.models import AVSBenchCheckpointError, build_model, load_avsbench_checkpoint
 from avstrain.models.avsbench_compat import checkpoint_layout
-from tests.helpers import REFERENCE
+from tests.helpers import REFERENCE, read_all, tone
 
 
 def _tsv_keys(name: str) -> dict[str, tuple[int, ...]]:
@@ -183,3 +191,137 @@ def test_avss_pvt_checkpoint_loads_every_tensor():
                                state["encoder_backbone.block4.2.mlp.dwconv.dwconv.weight"])
     torch.testing.assert_close(own["backbone.body.stages.1.downsample.proj.weight"],
                                state["encoder_backbone.patch_embed2.proj.weight"])
+
+
+# --- the import --------------------------------------------------------------------------------------------------
+
+AVSS_NAMES = ["background", "dog", "guitar", "car"]
+
+
+def _write_clip(home, version, uid, frames, masks, seconds, other=None):
+    """frames: [n,H,W,3] RGB; masks {i: class-index map [H,W]} written as palette colours; other: an extra mask."""
+    from avsprep.palette import classes_to_colours
+
+    folder = home / version / uid
+    (folder / "frames").mkdir(parents=True)
+    (folder / "labels_rgb").mkdir()
+    for i, frame in enumerate(frames):
+        cv2.imwrite(str(folder / "frames" / f"{i}.jpg"), frame[..., ::-1])
+    for i, classes in masks.items():
+        colours = classes_to_colours(classes)
+        if other is not None and i == 0:
+            colours[0, 0] = other  # one off-palette pixel
+        cv2.imwrite(str(folder / "labels_rgb" / f"{i}.png"), colours[..., ::-1])
+    soundfile.write(folder / "audio.wav", tone(440, seconds), 16000)
+
+
+def make_avss_tree(root):
+    """v1s train (5 frames, masks of all five but only frame 0 trains), v1m val (frame 3's mask missing, one
+    off-palette pixel), v2 test (10 frames)."""
+    home = root / "AVSBench-semantic"
+    home.mkdir(parents=True)
+    (home / "label2idx.json").write_text(json.dumps({n: i for i, n in enumerate(AVSS_NAMES)}))
+    rng = np.random.default_rng(0)
+    H = W = 32
+    square = np.zeros((H, W), np.uint8)
+    square[8:16, 8:16] = 1  # dog
+    two = square.copy()
+    two[20:28, 4:30] = 3  # dog and car
+    _write_clip(home, "v1s", "a_v1s", rng.integers(0, 255, (5, H, W, 3), dtype=np.uint8),
+                {i: square for i in range(5)}, 5.2)
+    _write_clip(home, "v1m", "b_v1m", rng.integers(0, 255, (5, H, W, 3), dtype=np.uint8),
+                {i: two for i in (0, 1, 2, 4)}, 5.2, other=(7, 7, 7))
+    _write_clip(home, "v2", "c_v2", rng.integers(0, 255, (10, H, W, 3), dtype=np.uint8),
+                {i: square * 2 for i in range(10)}, 10.2)
+    with (home / "metadata.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["vid", "uid", "s_min", "s_sec", "a_obj", "split", "label"])
+        writer.writerow(["x", "a_v1s", 0, 0, "dog", "train", "v1s"])
+        writer.writerow(["y", "b_v1m", 0, 0, "dog", "val", "v1m"])
+        writer.writerow(["z", "c_v2", 0, 0, "guitar", "test", "v2"])
+    return home
+
+
+def _import(home, out, *extra):
+    return CliRunner().invoke(avsprep_main, ["avsbench", "--root", str(home), "--subset", "avss", "--out", str(out),
+                                             "--size", "32", "--crop-size", "16", *extra], catch_exceptions=False)
+
+
+def test_avss_tree_to_shards_field_by_field(tmp_path):
+    home = make_avss_tree(tmp_path)
+    result = _import(home, tmp_path / "shards")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["classes"] == ["dog", "guitar", "car"] and manifest["mask_classes"] == 4
+    assert manifest["frames_per_clip"] == 10
+    assert manifest["report"]["masks_missing"] == 1 and manifest["report"]["mask_off_palette_pixels"] == 1
+    _, data = read_all(tmp_path / "shards")
+    order = list(data["name"])
+    a, b, c = (order.index(n) for n in ("a_v1s", "b_v1m", "c_v2"))
+    assert data["frame_valid"][a].tolist() == [True] * 5 + [False] * 5
+    assert data["frame_valid"][c].all()
+    assert data["mask_valid"][a].tolist() == [True] + [False] * 9  # v1s train: frame 0 only
+    assert data["mask_valid"][b].tolist() == [True, True, True, False, True] + [False] * 5  # frame 3 missing
+    assert data["mask_valid"][c].all()
+    assert data["masks"].dtype == np.uint8
+    assert set(np.unique(data["masks"][b, 0])) == {0, 1, 3}  # class indices, the off-palette pixel background
+    assert data["masks"][b, 0, 0, 0] == 0 and data["masks"][b, 0, 24, 10] == 3
+    assert set(np.unique(data["masks"][c])) == {0, 2}
+    assert not data["frames"][a, 5:].any() and not data["audio"][a, 5:].any()  # zero padding
+    assert data["audio"][a, :5].any(axis=1).all() and data["audio"][c].any(axis=1).all()
+    assert data["sounding"][b].tolist() == [True, False, True] and data["sounding"][c].tolist() == [False, True, False]
+    assert np.isfinite(data["boxes"][b, 0]).all(axis=1).sum() == 2  # one box per class (dog, car)
+    assert data["crop_valid"][b, 0] and not data["crop_valid"][a, 5]
+
+
+def test_avss_versions_and_bad_input(tmp_path):
+    home = make_avss_tree(tmp_path)
+    result = _import(home, tmp_path / "v2", "--versions", "v2")
+    assert result.exit_code == 0 and json.loads((tmp_path / "v2" / "manifest.json").read_text())["clips"] == 1
+    cv2.imwrite(str(home / "v1s" / "a_v1s" / "frames" / "5.jpg"), np.zeros((32, 32, 3), np.uint8))  # a 6th frame
+    cv2.imwrite(str(home / "v1m" / "b_v1m" / "labels_rgb" / "0.png"), np.zeros((32, 32), np.uint8))  # grey
+    result = CliRunner().invoke(avsprep_main, ["avsbench", "--root", str(home), "--subset", "avss", "--out",
+                                               str(tmp_path / "bad"), "--size", "32"])
+    assert result.exit_code == 2 and "a_v1s" in result.output and "6 frames" in result.output
+    result = _import(home, tmp_path / "skip", "--on-error", "skip")
+    assert result.exit_code == 0, result.output
+    skipped = json.loads((tmp_path / "skip" / "manifest.json").read_text())["skipped"]
+    assert sorted(s["clip"] for s in skipped) == ["a_v1s", "b_v1m"]
+    assert "expected 8-bit RGB" in " ".join(s["error"] for s in skipped)
+
+
+# --- the recipe, evaluation --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def avss_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("avss")
+    result = _import(make_avss_tree(root), root / "shards")
+    assert result.exit_code == 0, result.output
+    return root / "shards"
+
+
+def test_avss_recipe_smoke_and_semantic_eval(avss_shards, tmp_path):
+    """The AVSS ResNet-50 recipe (its model and losses; 64 px, K from the tiny shards) runs two steps at batch 1;
+    evaluation reports the semantic figures in evaluate's shape."""
+    from pathlib import Path
+
+    from avstrain.config import ConfigError, load_config
+    from avstrain.evaluate import evaluate
+    from avstrain.train import train
+
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "avsbench-avss-r50.toml"
+    overrides = ["optim.batch_size=1", "train.max_steps=2", "train.workers=0", "model.image_size=64",
+                 "data.val_split=val"]
+    with pytest.raises(ConfigError, match="mask_classes = 71 but the shards' masks have 4"):
+        train(load_config(recipe, overrides), avss_shards, tmp_path / "wrong")
+    result = train(load_config(recipe, [*overrides, "model.mask_classes=0"]), avss_shards, tmp_path / "run")
+    assert result["steps"] == 2
+    model = result["model"]
+    assert model.config.mask_classes == 4 and model.config.tpavi_window == 5
+    scores = evaluate(model, avss_shards, split="test")
+    overall = scores["overall"]
+    assert set(overall) >= {"miou", "f", "miou_real_frames", "f_real_frames", "clips", "frames"}
+    assert overall["clips"] == 1 and overall["frames"] == 10
+    assert list(scores["per_class"]) == ["background", "dog", "guitar", "car"]
+    assert 0 <= overall["miou"] <= 1 and overall["miou"] == pytest.approx(
+        sum(c["miou"] for c in scores["per_class"].values()) / 4)

@@ -109,7 +109,7 @@ def test_open_shards_are_bounded_and_reads_stay_exact(tmp_path):
     seen = {}
     for _ in range(2):  # the second pass reopens shards closed during the first
         for item in reader:
-            assert len(reader._open) <= MAX_OPEN_SHARDS
+            assert len(reader.reader._open) <= MAX_OPEN_SHARDS
             seen.setdefault(item["name"], []).append(item["frames"])
     assert len(seen) == 20 and all(torch.equal(a, b) for a, b in seen.values())
     with h5py.File(out / "shard-00003.h5", "r") as handle:

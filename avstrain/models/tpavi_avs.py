@@ -282,6 +282,22 @@ def build_tpavi(config: ModelConfig) -> AVSModel:
     return model
 
 
+def check_semantic_losses(loss: LossConfig, mask_classes: int) -> None:
+    """ConfigError for a loss that does not fit the head: BCE on a K-class head, CE or kl_semantic on a binary one."""
+    if mask_classes > 1 and (loss.bce > 0 or (loss.avm > 0 and loss.avm_variant != "kl_semantic")):
+        raise ConfigError(f"a {mask_classes}-class head trains with loss.ce and loss.avm_variant='kl_semantic': "
+                          "set loss.bce=0 (and loss.avm_variant='kl_semantic' or loss.avm=0)")
+    if mask_classes == 1 and (loss.ce > 0 or (loss.avm > 0 and loss.avm_variant == "kl_semantic")):
+        raise ConfigError("loss.ce and loss.avm_variant='kl_semantic' need a semantic head (model.mask_classes > 1)")
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel (or compiled) wrapper."""
+    while hasattr(network, "module") or hasattr(network, "_orig_mod"):
+        network = getattr(network, "module", None) or network._orig_mod
+    return network
+
+
 def uses_crops(config: Config) -> bool:
     """Whether training feeds crops: a crop encoder and at least one crop loss."""
     loss = config.loss
@@ -302,19 +318,29 @@ class TPAVIKind(ModelKind):
         return build_tpavi(config)
 
     def for_shards(self, config: Config, manifest: dict) -> ModelConfig:
-        """The crop classifier sized to the shards' class map (no classifier without a crop encoder)."""
+        """The crop classifier sized to the shards' class map (no classifier without a crop encoder), the mask
+        head to the shards' mask classes (`model.mask_classes = 0`: from the manifest)."""
         if config.loss.crop_cls > 0 and not manifest["classes"]:
             raise ConfigError("loss.crop_cls > 0 needs class labels, and these shards have none "
                               "(AVSBench MS3 has no classes): set loss.crop_cls=0")
         classes = len(manifest["classes"]) if config.model.crop_mode != "off" else 0
-        return dataclasses.replace(config.model, num_classes=classes)
+        shards_k = int(manifest.get("mask_classes", 1))
+        mask_classes = config.model.mask_classes or shards_k
+        if mask_classes != shards_k:
+            raise ConfigError(f"model.mask_classes = {mask_classes} but the shards' masks have {shards_k} "
+                              f"({'binary' if shards_k == 1 else 'semantic'}): set model.mask_classes={shards_k} or 0")
+        check_semantic_losses(config.loss, mask_classes)
+        return dataclasses.replace(config.model, num_classes=classes, mask_classes=mask_classes)
 
     def batch_fields(self, config: Config) -> tuple[str, ...]:
-        fields = ("frames", "masks", "audio", "mask_valid", "crop_valid", "label")
+        fields = ("frames", "masks", "audio", "mask_valid", "frame_valid", "crop_valid", "label")
         return (*fields, "crops") if uses_crops(config) else fields
 
     def forward(self, network: nn.Module, batch: dict) -> AVSOutput:
-        return network(batch["frames"], batch["audio"], batch.get("crops"))
+        # The per-frame flag is the AVSS model's (DESIGN §14); the binary S4/MS3 models run without it.
+        semantic = _unwrap(network).config.mask_classes > 1
+        return network(batch["frames"], batch["audio"], batch.get("crops"),
+                       frame_valid=batch.get("frame_valid") if semantic else None)
 
     def compute_loss(self, output: AVSOutput, batch: dict, config: LossConfig) -> LossOutput:
         return compute_loss(output, config, batch["masks"], batch["mask_valid"], batch["label"], batch["crop_valid"])

@@ -1,0 +1,101 @@
+"""Evaluation of a semantic (K-class) TPAVI model on semantic shards (AVSS, DESIGN §14).
+
+The official metric (`SemanticMeter`): per-frame, per-class IoU and F over the frames where the class is in the
+union, mean over all K classes, background included. As the reference does, every frame of a clip is scored,
+padded ones too (their target is background and their logits are zero, so they predict background); frames that
+are real but have no mask are left out. `miou_real_frames` scores the real frames only. The result keeps the shape
+of `evaluate`'s: `overall.miou` and `overall.f` are the semantic figures, `per_class` is keyed by class name with
+that class's IoU and F (background included).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from avstrain.metrics import SemanticMeter
+from avstrain.runtime import autocast, eval_mode
+
+log = logging.getLogger(__name__)
+
+BACKGROUND = "background"
+
+
+def is_semantic(model: nn.Module) -> bool:
+    """Whether the model has a K-class mask head (K > 1)."""
+    return int(getattr(getattr(model, "config", None), "mask_classes", 1)) > 1
+
+
+@torch.no_grad()
+def semantic_logits(model: nn.Module, batch: dict, device: torch.device | str, amp_dtype: torch.dtype | None = None,
+                    audio: Tensor | None = None) -> Tensor:
+    """[B,T,K,S,S] float32 on the CPU for a dataset batch (frames [B,T,S,S,3] uint8), with its `frame_valid`."""
+    device = torch.device(device)
+    frames = batch["frames"].to(device).permute(0, 1, 4, 2, 3)  # [B,T,3,S,S]
+    audio = batch["audio"] if audio is None else audio
+    with autocast(device, amp_dtype):
+        output = model(frames, audio.to(device), frame_valid=batch["frame_valid"].to(device))
+    return output.logits.float().cpu()
+
+
+def scored_frames(batch: dict) -> tuple[Tensor, Tensor]:
+    """(all: frames the reference scores [B,T] — those with a mask and the padded ones; real: those with a mask)."""
+    real = batch["mask_valid"].bool() & batch["frame_valid"].bool()
+    return real | ~batch["frame_valid"].bool(), real
+
+
+class SemanticScores:
+    """The official metric over every scored frame and over the real frames, fed clip by clip."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.all, self.real = SemanticMeter(num_classes), SemanticMeter(num_classes)
+        self.clips = self.frames = 0
+
+    def add(self, logits: Tensor, target: Tensor, scored: Tensor, real: Tensor) -> None:
+        """logits [T,K,S,S], target [T,S,S] class indices, scored / real [T] bool."""
+        if scored.any():
+            self.all.update(logits[scored], target[scored])
+        if real.any():
+            self.real.update(logits[real], target[real])
+        self.clips += 1
+        self.frames += int(scored.sum())
+
+    def overall(self) -> dict:
+        scores, real = self.all.compute(), self.real.compute()
+        return {**scores, "miou_real_frames": real["miou"], "f_real_frames": real["f"], "clips": self.clips,
+                "frames": self.frames}
+
+    def per_class(self, names: list[str]) -> dict:
+        iou, f = self.all.per_class()
+        return {name: {"miou": float(iou[k]), "f": float(f[k]), "frames": int(self.all.count[k])}
+                for k, name in enumerate(names)}
+
+
+def evaluate_semantic(model: nn.Module, shards_dir: str | Path, split: str = "test", device: torch.device | str = "cpu",
+                      amp_dtype: torch.dtype | None = None, batch_size: int = 4, num_workers: int = 0,
+                      max_clips: int | None = None, progress=None) -> dict:
+    """`evaluate` for a semantic model: {"split", "overall": {"miou", "f", "miou_real_frames", "f_real_frames",
+    "clips", "frames"}, "per_class": {name: {"miou", "f", "frames"}}} (background first)."""
+    from avstrain.evaluate import _batches, _eval_dataset, _report, read_split_table  # evaluate dispatches here
+
+    device = torch.device(device)
+    dataset = _eval_dataset(shards_dir, split)
+    table = read_split_table(dataset)
+    k = model.config.mask_classes
+    names = [BACKGROUND, *dataset.classes]
+    if len(names) != k:
+        raise ValueError(f"the model has {k} mask classes, the shards {len(names)} (background + "
+                         f"{len(dataset.classes)} classes)")
+    scores = SemanticScores(k)
+    model.to(device)
+    with eval_mode(model):
+        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+            logits = semantic_logits(model, batch, device, amp_dtype)
+            scored, real = scored_frames(batch)
+            for i in range(len(positions)):
+                scores.add(logits[i], batch["masks"][i].long(), scored[i], real[i])
+            _report(progress, scores.clips, len(positions))
+    log.info("evaluated %d clips (%d frames) of split %r, %d classes", scores.clips, scores.frames, split, k)
+    return {"split": split, "overall": scores.overall(), "per_class": scores.per_class(names)}
