@@ -69,8 +69,11 @@ READABLE_VERSIONS = (1, 2)  # v1: variable-length strings and attributes, no fle
 LIBVER = ("v108", "latest")
 SHARD_SCHEMA: tuple[ShardField, ...] = (
     ShardField("frames", ("N", "T", "S", "S", 3), "uint8", "RGB frames resized to S×S (area interpolation)"),
-    ShardField("masks", ("N", "T", "S", "S"), "uint8", "sounding-object masks, 0/1 (nearest-neighbour resize)"),
+    ShardField("masks", ("N", "T", "S", "S"), "uint8",
+               "sounding-object masks, 0/1; class indices where mask_classes > 1 (nearest-neighbour resize)"),
     ShardField("mask_valid", ("N", "T"), "bool", "frames with a mask file"),
+    ShardField("frame_valid", ("N", "T"), "bool", "real frames; false: padding, zero frame and zero audio (AVSS)",
+               only_if="has_frame_valid"),
     ShardField("crops", ("N", "T", "c", "c", 3), "uint8", "crop of the union of the frame's sounding boxes"),
     ShardField("crop_valid", ("N", "T"), "bool", "frames with a box (and so a crop)"),
     ShardField("boxes", ("N", "T", "K", 4), "float32", "normalised xyxy of the clipped boxes, NaN padding"),
@@ -117,6 +120,9 @@ class ShardSettings:
     has_other_masks: bool
     has_audio: bool
     box_source: str = "annotations"  # or "masks" (`avsprep avsbench --boxes-from-masks`)
+    # 1: masks are 0/1; K > 1: class indices 0..K-1, 0 background, c the class list's c - 1 (AVSS, DESIGN §14).
+    mask_classes: int = 1
+    has_frame_valid: bool = True  # shards written before issue 15 lack `frame_valid` (every frame real)
 
 
 @dataclass
@@ -353,6 +359,8 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
         "has_audio": settings.has_audio,
         "has_other_masks": settings.has_other_masks,
         "box_source": settings.box_source,
+        "mask_classes": settings.mask_classes,
+        "has_frame_valid": settings.has_frame_valid,
         "clips_per_shard": clips_per_shard,
         "num_parts": num_parts,
         "part_index": part_index,
@@ -379,6 +387,7 @@ def _settings_from_manifest(manifest: dict) -> ShardSettings:
         max_boxes=manifest["max_boxes"], classes=manifest["classes"], embedder=manifest["embedder"],
         has_other_masks=manifest["has_other_masks"], has_audio=manifest["has_audio"],
         box_source=manifest.get("box_source", "annotations"),
+        mask_classes=manifest.get("mask_classes", 1), has_frame_valid=manifest.get("has_frame_valid", False),
     )
 
 
