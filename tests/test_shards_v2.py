@@ -167,17 +167,22 @@ def fuzz(shards: Path, tmp_path: Path, cases: int, seed: int) -> dict:
         (folder / shard).write_bytes(damage.apply(base))
         folders.append(folder)
     results = run_cases(folders)
-    counts = {"error": 0, "exact": 0, "metadata": sum(d.in_metadata for d in random_damages(shards / shard, cases, seed))}
+    damages = random_damages(shards / shard, cases, seed)
+    counts = {"error": 0, "exact": 0, "metadata": sum(damage.in_metadata for damage in damages)}
+    findings = []  # every case that is neither: all of them, for the note
     for case, result in sorted(results.items()):
-        assert "hang" not in result and "other" not in result, (case, result)
-        assert not result["torch"], "the reader imported torch"
-        if "error" in result:
+        assert not result.get("torch"), "the reader imported torch"
+        if "hang" in result or "other" in result:
+            findings.append((case, damages[case], result))
+        elif "error" in result:
             assert result["error"].startswith(str(folders[case] / shard) + ": ") and "\n" not in result["error"]
             counts["error"] += 1
-        else:
-            assert result["digest"] == good, (case, "read back different clips")
+        elif result["digest"] == good:
             counts["exact"] += 1
-    assert len(results) == cases
+        else:
+            findings.append((case, damages[case], "read back different clips"))
+    print(f"{cases} damages: {counts}, findings: {findings}")
+    assert not findings and len(results) == cases
     return counts
 
 
