@@ -36,6 +36,7 @@ class AvssRow:
     uid: str
     version: str  # the metadata's `label`: v1s, v1m or v2
     split: str
+    other: str | None = None  # `other_obj` (written by `avsprep synth --semantic`): the visible silent class
 
 
 def locate_avss(root: Path) -> Path:
@@ -87,7 +88,7 @@ def read_avss_rows(path: Path, versions: tuple[str, ...]) -> list[AvssRow]:
             raise InputError(path, f"line {line}: clip {uid!r} is listed twice")
         seen.add(uid)
         if version in versions:
-            out.append(AvssRow(uid, version, split))
+            out.append(AvssRow(uid, version, split, (row.get("other_obj") or "").strip() or None))
     return out
 
 
@@ -120,4 +121,5 @@ def avss_clip(home: Path, row: AvssRow) -> ClipSource:
     if not audio.is_file():
         raise InputError(audio, f"audio of clip {row.uid!r} not found")
     return ClipSource(name=row.uid, frames=frames, split=row.split, audio=audio, category=None,
+                      other_category=row.other,
                       report={"masks_missing": missing, f"clips_{row.version}": 1})

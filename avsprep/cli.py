@@ -143,13 +143,17 @@ def main(verbose: bool) -> None:
 @click.option("--sounds", type=EXISTING_DIR,
               help="One folder of WAV recordings per class: clips sound like them, test clips from the last 15 % "
                    "of each recording (train: first 70 %, val: next 15 %).")
+@click.option("--semantic", is_flag=True,
+              help="Write an AVSBench-semantic tree (metadata.csv, label2idx.json, v1s/v1m/v2 clips, colour masks) "
+                   "for `avsprep avsbench --subset avss`.")
 def synth(**options):
     """Generate synthetic AVS clips: two+ objects per scene, only the sounding one is the target."""
     from avsprep.synth import SynthConfig, generate
+    from avsprep.synth_semantic import generate_semantic
 
     [config] = from_options(options, SynthConfig)
     with progress("synth clips", config.clips) as advance:
-        summary = generate(config, progress=advance)
+        summary = (generate_semantic if config.semantic else generate)(config, progress=advance)
     click.echo(f"wrote {summary.clips} clips to {config.out} in {summary.seconds:.1f} s; splits {summary.per_split}; "
                f"sounding classes {summary.per_class}")
 

@@ -238,6 +238,7 @@ class SynthConfig:
     sample_rate: int = SAMPLE_RATE  # of the written WAVs
     channels: int = 1               # of the written WAVs: the same signal in each
     sounds: Path | None = None      # one folder of WAV recordings per class (avsprep.synth_recordings)
+    semantic: bool = False          # an AVSBench-semantic tree instead (avsprep.synth_semantic)
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)

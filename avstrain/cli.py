@@ -110,8 +110,11 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpo
                                                                 "(default: the training shards' T, else 5).")
 @click.option("--vggish-weights", type=EXISTING_FILE, help="With --video: for a checkpoint trained on VGGish audio.")
 @click.option("--vggish-pca", type=EXISTING_FILE, help="With --video: VGGish PCA parameters, if the shards used them.")
+@click.option("--layout", default="dataset", show_default=True, type=click.Choice(["dataset", "reference"]),
+              help="Semantic models: colour PNGs as <split>/<uid>/labels_rgb/<i>.png (real frames), or as the "
+                   "reference's save_color_mask writes them (<uid>/<uid>_<i>.png, all ten frames, 360x240).")
 def predict(checkpoint, shards, video, audio, out_video, out, split, batch_size, overlays, frames_per_clip,
-            vggish_weights, vggish_pca):
+            vggish_weights, vggish_pca, layout):
     """Masks for every clip in the AVSBench layout (<split>/<category>/<clip>/<clip>_<k>.png), or for a video."""
     from avstrain.runtime import load_for_inference
 
@@ -125,7 +128,7 @@ def predict(checkpoint, shards, video, audio, out_video, out, split, batch_size,
         _predict_video(model, config, runtime, checkpoint, video, audio, out, frames_per_clip, vggish_weights,
                        vggish_pca, out_video)
     else:
-        _predict_shards(model, runtime, shards, out, split, batch_size, overlays)
+        _predict_shards(model, runtime, shards, out, split, batch_size, overlays, layout)
 
 
 def _predict_video(model, config, runtime, checkpoint, video, audio, out, frames_per_clip, vggish_weights,
@@ -147,12 +150,20 @@ def _predict_video(model, config, runtime, checkpoint, video, audio, out, frames
                    f"audio from {written.audio}")
 
 
-def _predict_shards(model, runtime, shards, out, split, batch_size, overlays) -> None:
+def _predict_shards(model, runtime, shards, out, split, batch_size, overlays, layout="dataset") -> None:
     from avsprep.shards import read_manifest
     from avstrain.predict import write_predictions
+    from avstrain.semantic_eval import is_semantic
+    from avstrain.semantic_predict import write_semantic_predictions
     from avstrain.visualise import write_overlays
 
     clips = read_manifest(shards)["splits"].get(split, 0)
+    if is_semantic(model):
+        with progress("predicting clips", total=clips) as advance:
+            written = write_semantic_predictions(model, shards, out, split, runtime.device, runtime.amp_dtype,
+                                                 batch_size, layout, progress=advance)
+        click.echo(f"wrote {written} colour masks ({layout} layout) of {clips} clips to {out}")
+        return
     with progress("predicting clips", total=clips) as advance:
         written = write_predictions(model, shards, out, split, runtime.device, runtime.amp_dtype, batch_size,
                                     progress=advance)
@@ -173,9 +184,24 @@ def _predict_shards(model, runtime, shards, out, split, batch_size, overlays) ->
               help="First frame number of the predictions (the reference's save_mask writes 0).")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False, path_type=Path), help="Per-clip scores.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="JSON of the overall scores.")
-def score(pred, gt, layout, index_base, csv_path, out):
+@click.option("--semantic", is_flag=True, help="AVSS colour masks: the official semantic mIoU and F (--gt: the "
+                                               "AVSBench-semantic folder; --pred: either predict layout).")
+@click.option("--num-classes", default=71, show_default=True, type=click.IntRange(2), help="With --semantic: K.")
+def score(pred, gt, layout, index_base, csv_path, out, semantic, num_classes):
     """Score any method's predicted masks against ground truth: mIoU, F, F_avsbench, FPR on empty targets."""
     from avstrain.predict import score_directories
+
+    if semantic:
+        from avstrain.semantic_predict import score_semantic
+
+        results = score_semantic(pred, gt, num_classes)
+        if out:
+            out.write_text(json.dumps(results, indent=1) + "\n")
+        click.echo(f"{results['clips']} clips, {results['frames']} frames with ground truth: semantic mIoU "
+                   f"{results['miou']:.4f}, F {results['f']:.4f} (K = {num_classes}); off-palette colours of the "
+                   f"predictions mapped to the nearest palette colour, predictions resized to the ground truth "
+                   f"(nearest); {results['missing_predictions']} frames without a prediction scored as background")
+        return
 
     results = score_directories(pred, gt, int(index_base), csv_path)
     if out:

@@ -427,7 +427,13 @@ def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test"
     condition. `max_clips` scores the first clips of the split only (donors still come from the whole split).
     Returns {"split", "true": {...}, "swap": {...}, "silence": {"fpr", "clips"}, "noise": {...},
     "offscreen": {"fpr", "clips", "skipped"}}; a condition that scored no clip is {"clips": 0, "note": why}.
+    A semantic model is scored per class (`reliance_semantic`).
     """
+    from avstrain.semantic_eval import is_semantic, reliance_semantic  # it reads this module's helpers
+
+    if is_semantic(model):
+        return reliance_semantic(model, shards_dir, split, device, amp_dtype, batch_size, num_workers, seed,
+                                 max_clips, progress)
     device = torch.device(device)
     dataset = _eval_dataset(shards_dir, split)
     table = read_split_table(dataset, with_audio=True)

@@ -99,3 +99,70 @@ def evaluate_semantic(model: nn.Module, shards_dir: str | Path, split: str = "te
             _report(progress, scores.clips, len(positions))
     log.info("evaluated %d clips (%d frames) of split %r, %d classes", scores.clips, scores.frames, split, k)
     return {"split": split, "overall": scores.overall(), "per_class": scores.per_class(names)}
+
+
+def _non_background_rate(logits: Tensor, real: Tensor) -> tuple[float, int]:
+    """(pixels predicted as a class ≠ background, pixels) over the real frames: logits [B,T,K,S,S], real [B,T]."""
+    pred = logits.argmax(2)[real]  # [n, S, S]
+    return float((pred != 0).sum()), pred.numel()
+
+
+def reliance_semantic(model: nn.Module, shards_dir: str | Path, split: str = "test",
+                      device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 4,
+                      num_workers: int = 0, seed: int = 0, max_clips: int | None = None, progress=None) -> dict:
+    """The reliance suite per class (DESIGN §9, §14). "true": the official metric with the clip's own audio;
+    "swap": the audio of a clip whose class is the visible silent object's, scored against that object's mask as
+    its class (miou_other: the official mean over all K; miou_other_present: over the classes that occur);
+    "silence" / "noise": FPR = the share of real-frame pixels predicted as any class but background."""
+    from avstrain.evaluate import DonorPicker, _batches, _eval_dataset, _load_negatives, _report, read_split_table
+
+    device = torch.device(device)
+    dataset = _eval_dataset(shards_dir, split)
+    table = read_split_table(dataset, with_audio=True)
+    silence, noise = _load_negatives(shards_dir, dataset.manifest["frames_per_clip"])
+    donors, donor_audio = DonorPicker(table.labels, seed), torch.from_numpy(table.audio)
+    k = model.config.mask_classes
+    true, swap = SemanticScores(k), SemanticScores(k)
+    fpr = {"silence": [0.0, 0], "noise": [0.0, 0]}
+    has_other = bool(dataset.manifest.get("has_other_masks"))
+    model.to(device)
+    with eval_mode(model):
+        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+            scored, real = scored_frames(batch)
+            flag = batch["frame_valid"].float()[..., None]  # [B,T,1]: padded seconds keep zero audio
+            logits = semantic_logits(model, batch, device, amp_dtype)
+            for i in range(len(positions)):
+                true.add(logits[i], batch["masks"][i].long(), scored[i], real[i])
+            for name, audio in (("silence", silence.expand(len(positions), -1, -1)),
+                                ("noise", noise[[p % len(noise) for p in positions]])):
+                hits, total = _non_background_rate(semantic_logits(model, batch, device, amp_dtype, audio * flag), real)
+                fpr[name][0] += hits
+                fpr[name][1] += total
+            if has_other:
+                _add_swap(model, batch, positions, donors, donor_audio, swap, device, amp_dtype)
+            _report(progress, true.clips, len(positions))
+    iou, _ = swap.all.per_class()
+    present = swap.all.count > 0
+    return {"split": split, "true": true.overall(),
+            "swap": {"miou_other": swap.overall()["miou"] if swap.clips else None,
+                     "miou_other_present": float(iou[present].mean()) if present.any() else None,
+                     "clips": swap.clips},
+            **{name: {"fpr": hits / max(total, 1), "clips": true.clips} for name, (hits, total) in fpr.items()}}
+
+
+def _add_swap(model, batch, positions, donors, donor_audio, swap: SemanticScores, device, amp_dtype) -> None:
+    """Clips with a visible silent object get a donor clip's audio of that object's class; the target is that
+    object's mask as its class (other_masks × (other_label + 1))."""
+    from avstrain.evaluate import _select
+
+    picks = [(i, donors.swap(p, int(batch["other_label"][i]))) for i, p in enumerate(positions)]
+    rows = [i for i, donor in picks if donor is not None]
+    if not rows:
+        return
+    sub = _select(batch, rows)
+    audio = donor_audio[[donor for _, donor in picks if donor is not None]] * sub["frame_valid"].float()[..., None]
+    logits = semantic_logits(model, sub, device, amp_dtype, audio)
+    target = sub["other_masks"].long() * (sub["other_label"].long() + 1)[:, None, None, None]
+    scored, real = scored_frames(sub)
+    for i in range(len(rows)):
+        swap.add(logits[i], target[i], scored[i], real[i])

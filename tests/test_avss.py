@@ -325,3 +325,18 @@ def test_avss_recipe_smoke_and_semantic_eval(avss_shards, tmp_path):
     assert list(scores["per_class"]) == ["background", "dog", "guitar", "car"]
     assert 0 <= overall["miou"] <= 1 and overall["miou"] == pytest.approx(
         sum(c["miou"] for c in scores["per_class"].values()) / 4)
+    # colour PNGs in both layouts; scored against the tree they equal the real-frame figure of eval
+    from avstrain.evaluate import reliance_suite
+    from avstrain.semantic_predict import score_semantic, write_semantic_predictions
+
+    assert write_semantic_predictions(model, avss_shards, tmp_path / "pred", "test") == 10
+    assert write_semantic_predictions(model, avss_shards, tmp_path / "ref", "test", layout="reference") == 10
+    assert cv2.imread(str(tmp_path / "ref" / "c_v2" / "c_v2_9.png")).shape == (240, 360, 3)
+    home = avss_shards.parent / "AVSBench-semantic"
+    for pred in ("pred", "ref"):
+        scored = score_semantic(tmp_path / pred, home / "v2", num_classes=4)
+        assert scored["frames"] == 10 and scored["missing_predictions"] == 0
+    assert score_semantic(tmp_path / "pred", home / "v2", num_classes=4)["miou"] == pytest.approx(
+        overall["miou_real_frames"], abs=1e-9)
+    reliance = reliance_suite(model, avss_shards, split="test")
+    assert set(reliance) >= {"true", "swap", "silence", "noise"} and 0 <= reliance["silence"]["fpr"] <= 1

@@ -1,0 +1,110 @@
+"""Colour-mask predictions of a semantic model and the scoring of any method's colour PNGs (AVSS, DESIGN §14).
+
+Predictions use the exact palette colours (`avsprep.palette`), resized nearest-neighbour. Two layouts:
+- "dataset": `<split>/<uid>/labels_rgb/<i>.png`, i from 0, the real frames only (the download's layout below the
+  version folder, which the shards do not record);
+- "reference": `<uid>/<uid>_<i>.png` for all ten frames at 360×240, as the reference's `save_color_mask` writes.
+`score_semantic` reads either layout (and the reference's own output), maps colours to the nearest palette colour
+(other methods' resized PNGs blend edge colours) and resizes each prediction to its ground truth (nearest).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from avsprep.errors import InputError
+from avsprep.palette import AVSS_CLASSES, classes_to_colours, colours_to_classes, nearest_palette_classes
+from avstrain.data import ShardDataset
+from avstrain.metrics import SemanticMeter
+from avstrain.runtime import eval_mode
+from avstrain.semantic_eval import semantic_logits
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("dataset", "reference")
+REFERENCE_SIZE = (360, 240)  # width, height of the reference's saved masks
+
+
+def _write_png(path: Path, classes: np.ndarray, size: tuple[int, int] | None) -> None:
+    if size is not None:
+        classes = cv2.resize(classes, size, interpolation=cv2.INTER_NEAREST)
+    cv2.imwrite(str(path), classes_to_colours(classes)[..., ::-1])
+
+
+def write_semantic_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str | Path, split: str = "test",
+                               device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
+                               batch_size: int = 4, layout: str = "dataset",
+                               progress: Callable[[int], None] | None = None) -> int:
+    """Write the argmax class of every pixel as palette colours; returns the number of PNGs written."""
+    if layout not in LAYOUTS:
+        raise InputError(None, f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
+    out, written = Path(out), 0
+    dataset = ShardDataset(shards_dir, split, shuffle=False)
+    with eval_mode(model.to(device)):
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            classes = semantic_logits(model, batch, device, amp_dtype).argmax(2).numpy().astype(np.uint8)  # [B,T,S,S]
+            for name, clip, valid in zip(batch["name"], classes, batch["frame_valid"].numpy()):
+                folder = out / split / name / "labels_rgb" if layout == "dataset" else out / name
+                folder.mkdir(parents=True, exist_ok=True)
+                for i, frame in enumerate(clip):
+                    if layout == "dataset" and not valid[i]:
+                        continue
+                    path = folder / (f"{i}.png" if layout == "dataset" else f"{name}_{i}.png")
+                    _write_png(path, frame, REFERENCE_SIZE if layout == "reference" else None)
+                    written += 1
+            if progress:
+                progress(len(batch["name"]))
+    return written
+
+
+def _frame_key(path: Path) -> tuple[str, int] | None:
+    """(uid, i) of a mask PNG in either layout: `<uid>/labels_rgb/<i>.png` or `<uid>/<uid>_<i>.png`."""
+    if path.parent.name == "labels_rgb" and path.stem.isdigit():
+        return path.parent.parent.name, int(path.stem)
+    uid, _, index = path.stem.rpartition("_")
+    return (uid, int(index)) if uid and index.isdigit() else None
+
+
+def _index(root: Path) -> dict[tuple[str, int], Path]:
+    found = {}
+    for path in sorted(Path(root).rglob("*.png")):
+        key = _frame_key(path)
+        if key is not None and "other_labels_rgb" not in path.parts:
+            found[key] = path
+    return found
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise InputError(path, "cannot read colour mask")
+    return image[..., ::-1]
+
+
+def score_semantic(pred: str | Path, gt: str | Path, num_classes: int = AVSS_CLASSES) -> dict:
+    """The official metric of predicted colour PNGs against ground-truth colour masks, matched by (uid, frame).
+    Frames with a ground truth count; a missing prediction counts as all background (and is counted)."""
+    predictions, truths = _index(pred), _index(gt)
+    if not truths:
+        raise InputError(gt, "no ground-truth colour masks (<uid>/labels_rgb/<i>.png) here")
+    meter, missing, off_palette = SemanticMeter(num_classes), 0, 0
+    for key, gt_path in truths.items():
+        target, off = colours_to_classes(_read_rgb(gt_path), num_classes)
+        off_palette += off
+        if key in predictions:
+            classes = nearest_palette_classes(_read_rgb(predictions[key]), num_classes)
+            classes = cv2.resize(classes, target.shape[::-1], interpolation=cv2.INTER_NEAREST)
+        else:
+            missing += 1
+            classes = np.zeros_like(target)
+        meter.update(torch.from_numpy(classes)[None], torch.from_numpy(target)[None])
+    iou, f = meter.per_class()
+    return {**meter.compute(), "frames": len(truths), "missing_predictions": missing,
+            "gt_off_palette_pixels": off_palette, "clips": len({uid for uid, _ in truths}),
+            "per_class_iou": [float(v) for v in iou], "per_class_f": [float(v) for v in f]}
