@@ -821,9 +821,10 @@ def _worker_init() -> None:
 # ----------------------------------------------------------------------------------------------- driver
 
 
-#: Options added after format_version 1's first release: info.json names them only when set, so that a default
-#: set's info.json is what earlier versions wrote (and a folder they wrote is still completed by a re-run).
-_LATER_OPTIONS = ("style", "image_format", "width", "height", "sample_rate", "channels", "sounds")
+#: The options of format_version 1's first release. info.json names any later option only when it is set, so that
+#: a default set's info.json is what earlier versions wrote (and a folder they wrote is still completed by a re-run).
+_FIRST_OPTIONS = ("out", "clips", "num_classes", "size", "frames_per_clip", "sources", "difficulty", "seed", "yolo",
+                  "workers")
 #: Fields of a class that describe its synthetic sound: left out of info.json when recordings replace it.
 _SOUND_FIELDS = {"sound", "band_hz", "pitch_hz", "partials", "am_hz", "formants_hz", "rate_hz", "duty", "sweep",
                  "vibrato"}
@@ -834,7 +835,7 @@ def _info_bytes(config: SynthConfig, recordings: RecordingSet | None = None) -> 
     location of the recordings: their names and checksums instead)."""
     defaults = {field.name: field.default for field in dataclasses.fields(SynthConfig)}
     settings = {key: value for key, value in asdict(config).items()
-                if key not in ("out", "workers") and not (key in _LATER_OPTIONS and value == defaults[key])}
+                if key not in ("out", "workers") and (key in _FIRST_OPTIONS or value != defaults[key])}
     settings.pop("sounds", None)
     classes = [asdict(spec) for spec in set_classes(config, recordings)]
     if recordings is not None:

@@ -89,6 +89,8 @@ def scan_recordings(root: Path, clip_seconds: float) -> RecordingSet:
     Raises InputError naming the folder or file at the first problem.
     """
     root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "--sounds must be a folder of class folders")
     folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(folders) < MIN_CLASSES:
         raise InputError(root, f"--sounds needs at least {MIN_CLASSES} class folders of WAV files, found "

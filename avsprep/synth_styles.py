@@ -181,9 +181,9 @@ def _sound_params(rng: np.random.Generator, kind: str, band: tuple[float, float]
     elif kind == "click":
         params.update(rate_hz=rng.uniform(5.0, 18.0))
     elif kind == "vowel":
-        centres = np.sort(rng.uniform(0.2, 0.8, size=2))
+        formants = tuple(round(float(lo + c * (hi - lo)), 1) for c in np.sort(rng.uniform(0.2, 0.8, size=2)))
         params.update(pitch_hz=(hi - lo) / rng.uniform(4.0, 7.0), rate_hz=rng.uniform(1.5, 4.0),
-                      duty=rng.uniform(0.5, 0.8), formants_hz=tuple(round(float(lo + c * (hi - lo)), 1) for c in centres))
+                      duty=rng.uniform(0.5, 0.8), formants_hz=formants)
     else:   # tone: a few partials of a fundamental below or inside the band, with vibrato
         pitch = (hi - lo) / rng.uniform(2.2, 3.2)
         first = math.ceil(lo * 1.03 / pitch)
