@@ -33,9 +33,9 @@ def _tsv_keys(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def _random_state(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    return {key: torch.randint(1, 10**6, shape, generator=gen) if key.endswith("num_batches_tracked")
-            else torch.randn(shape, generator=gen) for key, shape in keys.items()}
+    from tests.test_avsbench_compat import _random_checkpoint  # the S4/MS3 tests' random state dict
+
+    return _random_checkpoint(keys)
 
 
 def _small(**overrides) -> ModelConfig:
@@ -340,3 +340,23 @@ def test_avss_recipe_smoke_and_semantic_eval(avss_shards, tmp_path):
         overall["miou_real_frames"], abs=1e-9)
     reliance = reliance_suite(model, avss_shards, split="test")
     assert set(reliance) >= {"true", "swap", "silence", "noise"} and 0 <= reliance["silence"]["fpr"] <= 1
+
+
+def test_synth_semantic_tree_imports(tmp_path):
+    """`avsprep synth --semantic` writes an AVSS tree (mixed 5- and 10-frame clips, other-object masks) that
+    `avsprep avsbench --subset avss` reads, with the silent object's class for the swap test."""
+    runner = CliRunner()
+    result = runner.invoke(avsprep_main, ["synth", "--semantic", "--out", str(tmp_path / "tree"), "--clips", "8",
+                                          "--size", "64"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    label2idx = json.loads((tmp_path / "tree" / "label2idx.json").read_text())
+    assert list(label2idx.values()) == list(range(6)) and next(iter(label2idx)) == "background"
+    result = _import(tmp_path / "tree", tmp_path / "shards", "--size", "64")
+    assert result.exit_code == 0, result.output
+    manifest, data = read_all(tmp_path / "shards")
+    assert manifest["mask_classes"] == 6 and manifest["has_other_masks"] and manifest["clips"] == 8
+    real = data["frame_valid"].sum(1)
+    assert set(real.tolist()) <= {5, 10}
+    assert (data["other_label"] >= 0).all() and data["other_masks"].max() == 1
+    labelled = data["masks"][data["mask_valid"]]
+    assert labelled.max() <= 5 and (labelled > 0).any()
