@@ -622,6 +622,25 @@ def summarize(shards_dir: Path, skip_unreadable: bool = False) -> dict:
     }
 
 
+def rewrite_as_v1(folder: Path) -> None:
+    """Rewrite a shard folder in place as schema v1 wrote it (variable-length strings and str attributes, no
+    fletcher32): the fixture of the tests that v1 still reads, and the v1 row of tools/bench_loader.py."""
+    manifest = json.loads((Path(folder) / MANIFEST).read_text(encoding="utf-8"))
+    for entry in manifest["shards"]:
+        path = Path(folder) / entry["file"]
+        with h5py.File(path, "r") as source:
+            arrays = {key: source[key].asstr()[()] if key in STRING_DATASETS else source[key][()] for key in source}
+            attributes = {key: value.decode() if isinstance(value, bytes) else value
+                          for key, value in source.attrs.items()}
+        with h5py.File(path, "w", track_order=False) as target:
+            for key, values in arrays.items():
+                chunks = (1, *values.shape[1:]) if values.size and values.ndim > 1 else None
+                target.create_dataset(key, data=values, chunks=chunks, track_times=False,
+                                      dtype=h5py.string_dtype() if key in STRING_DATASETS else None)
+            target.attrs.update({**attributes, "schema_version": 1})
+    (Path(folder) / MANIFEST).write_text(json.dumps({**manifest, "schema_version": 1}, indent=1) + "\n")
+
+
 class _RowReader:
     """Reads one row (one clip, one chunk) of a dataset through h5py's low-level API, into a new array: one HDF5
     call per read, without h5py's selection machinery (most of the cost of a small read)."""
@@ -636,17 +655,23 @@ class _RowReader:
         self.memory_space = h5py.h5s.create_simple(self.row_shape or (1,))
         self.count = (1, *self.row_shape)
 
-    def chunk_index_is_whole(self) -> bool:
-        """Whether the dataset's chunk index lists exactly the chunks its shape needs. HDF5 reads a chunk that its
-        index lookup cannot find as the fill value, silently: a damaged index (a lost entry, a wrong entry count;
-        found by fuzzing) would give zeros that fletcher32 never sees."""
+    def chunk_index_is_whole(self, file_size: int) -> bool:
+        """Whether the dataset's chunk index lists exactly the chunks its shape needs, each inside the file and of a
+        plausible size. HDF5 reads a chunk that its index lookup cannot find as the fill value, silently: a damaged
+        index (a lost entry, a wrong entry count, an address past the end; found by fuzzing) would give zeros that
+        fletcher32 never sees."""
         chunks = self.dataset.chunks
         if chunks is None:
             return True
         expected = set(itertools.product(*(range(0, size, step) for size, step in zip(self.dataset.shape, chunks))))
-        found: list[tuple] = []
-        self.dataset.id.chunk_iter(lambda info: found.append(tuple(info.chunk_offset)))
-        return self.dataset.id.get_num_chunks() == len(found) == len(expected) and set(found) == expected
+        found: list = []
+        self.dataset.id.chunk_iter(found.append)
+        checksum = 4 if self.dataset.fletcher32 else 0
+        most = int(np.prod(chunks)) * self.dataset.dtype.itemsize + checksum + 64  # (64: a compressor's header)
+        placed = all(0 < info.byte_offset and info.byte_offset + info.size <= file_size and checksum < info.size
+                     and (info.size <= most or self.dataset.compression) for info in found)
+        offsets = {tuple(info.chunk_offset) for info in found}
+        return self.dataset.id.get_num_chunks() == len(found) == len(expected) and offsets == expected and placed
 
     def read(self, row: int) -> np.ndarray | str:
         """[row] of the dataset: an array of the row's shape, or a str for a string dataset."""
@@ -681,7 +706,7 @@ class ShardReader:
         try:
             handle = h5py.File(path, "r")
             readers = {key: _RowReader(handle[key]) for key in self.fields if key in handle}
-            damaged = [key for key, reader in readers.items() if not reader.chunk_index_is_whole()]
+            damaged = [key for key, reader in readers.items() if not reader.chunk_index_is_whole(path.stat().st_size)]
         except HDF5_READ_ERRORS as error:
             raise InputError(path, f"cannot read shard ({_first_line(error)})") from None
         if damaged:

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "avs-toolkit checkpoint v1"
 # The tensors of a checkpoint; everything else is small metadata (`metadata`).
-TENSOR_KEYS = ("model", "optimizer", "rng")
+TENSOR_KEYS = ("model", "optimizer", "rng", "rank_rngs")
 
 
 @dataclass
@@ -54,7 +54,8 @@ class RunState:
 
 def make_checkpoint(model: nn.Module, config: Config, classes: list[str], *, run: RunState | None = None,
                     optimizer: torch.optim.Optimizer | None = None, embedder: str | None = None,
-                    frames_per_clip: int | None = None, converted_from: str | None = None) -> dict:
+                    frames_per_clip: int | None = None, converted_from: str | None = None,
+                    rank_rngs: list[dict] | None = None) -> dict:
     """The checkpoint dict (see the module docstring). `run` and `optimizer` make it a training checkpoint, with the
     RNG states that an exact resume needs."""
     run = run if run is not None else RunState()
@@ -66,6 +67,8 @@ def make_checkpoint(model: nn.Module, config: Config, classes: list[str], *, run
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
         state["rng"] = _rng_state(run.negatives)
+        if rank_rngs is not None:  # under DDP: every rank's RNGs (`rng` is rank 0's), for an exact resume
+            state["rank_rngs"] = rank_rngs
     if converted_from is not None:
         state["converted_from"] = converted_from
     return state
@@ -121,7 +124,26 @@ def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, run
     optimizer.load_state_dict(state["optimizer"])
     run.epoch, run.step, run.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
     run.best_metric = state["best_miou"]
-    _restore_rng(state["rng"], run.negatives)
+    rank_rngs = state.get("rank_rngs") or [state["rng"]]
+    rank = _rank()
+    if rank >= len(rank_rngs):
+        log.warning("checkpoint holds the RNGs of %d ranks: rank %d starts from rank 0's", len(rank_rngs), rank)
+    _restore_rng(rank_rngs[rank] if rank < len(rank_rngs) else state["rng"], run.negatives)
+
+
+def _rank() -> int:
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def _every_rank_rng(negatives: torch.Generator) -> list[dict] | None:
+    """Every rank's RNG states, rank by rank (a collective: every rank calls it); None without DDP."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) \
+            or torch.distributed.get_world_size() == 1:
+        return None
+    states: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, _rng_state(negatives))
+    return states
 
 
 class CheckpointSaver:
@@ -143,19 +165,23 @@ class CheckpointSaver:
     def best(self) -> Path:
         return self.run_dir / "best.pt"
 
-    def save(self, path: Path, run: RunState) -> None:
+    def save(self, path: Path, run: RunState, every_rank: bool = True) -> None:
+        """`every_rank`: called by every rank at the same point (last.pt, step-<n>.pt), which gathers each rank's
+        RNGs into the checkpoint; best.pt is saved by rank 0 alone and holds only its own."""
+        rank_rngs = _every_rank_rng(run.negatives) if every_rank else None
         if not self.enabled:
             return
         save_atomic(make_checkpoint(
             self.model, self.config, self.manifest["classes"], run=run, optimizer=self.optimizer,
             # The audio embedder of the training shards: `avstrain predict --video` must embed a user's audio alike.
-            embedder=self.manifest.get("embedder"), frames_per_clip=self.manifest.get("frames_per_clip")), path)
+            embedder=self.manifest.get("embedder"), frames_per_clip=self.manifest.get("frames_per_clip"),
+            rank_rngs=rank_rngs), path)
 
     def save_last(self, run: RunState) -> None:
         self.save(self.last, run)
 
     def save_best(self, run: RunState) -> None:
-        self.save(self.best, run)
+        self.save(self.best, run, every_rank=False)
 
     def save_step(self, run: RunState) -> None:
         """`step-<n>.pt`, and `last.pt` with it."""

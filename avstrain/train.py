@@ -262,7 +262,7 @@ def train_one_epoch(session: Session, run: RunState, steps_log: IO[str], progres
         run.batch_in_epoch += 1
         clips += batch["audio"].shape[0]
         record = {"epoch": run.epoch, "step": run.step, "lr": optimizer.param_groups[0]["lr"],
-                  "loss": float(losses.total.detach()), **{k: float(v) for k, v in losses.parts.items()}}
+                  **_mean_over_ranks({"loss": losses.total.detach(), **losses.parts})}
         steps_log.write(json.dumps(record) + "\n")
         steps_log.flush()
         if config.train.checkpoint_every and run.step % config.train.checkpoint_every == 0:
@@ -272,6 +272,16 @@ def train_one_epoch(session: Session, run: RunState, steps_log: IO[str], progres
         if config.train.max_steps and run.step >= config.train.max_steps:
             break
     return clips
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """The step's loss and its parts averaged over the DDP ranks (what the averaged gradients followed), so that
+    rank 0's log covers every rank; the values themselves without DDP."""
+    flat = torch.tensor([float(value) for value in values.values()], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flat)
+        flat /= torch.distributed.get_world_size()
+    return dict(zip(values, flat.tolist()))
 
 
 def metric_value(results: dict, path: str) -> float:
@@ -376,7 +386,8 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
 
     `progress(n, total_steps)` is called with the steps done so far, then after each step. Under `torchrun`
     (WORLD_SIZE > 1) the model is wrapped in DistributedDataParallel, each rank streams its own block of clips, and
-    rank 0 alone validates and writes the run folder. Exact resume is tested for a single process.
+    rank 0 alone validates and writes the run folder (its steps.jsonl logs the loss averaged over the ranks).
+    A resume restores every rank's RNGs and data position.
     """
     shards_dir, run_dir = Path(shards_dir), Path(run_dir)
     dist = init_distributed()

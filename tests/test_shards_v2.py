@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from avsprep.cli import main as avsprep_main
 from avsprep.errors import InputError
-from avsprep.shards import SCHEMA_VERSION, json_attribute, read_manifest, verify
+from avsprep.shards import SCHEMA_VERSION, json_attribute, read_manifest, rewrite_as_v1, verify
 from avstrain.data import ShardDataset
 from helpers import crops_args, make_dataset
 from shard_fuzz import clips_digest, random_damages, run_cases
@@ -73,29 +73,9 @@ def test_v2_keeps_nothing_in_the_global_heap_and_checksums_every_dataset(shards)
     assert json.loads(summary.output)["schema_version"] == 2
 
 
-def to_v1(folder: Path) -> None:
-    """Rewrite a v2 folder as schema v1 wrote it: variable-length strings and str attributes, no fletcher32."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    for entry in manifest["shards"]:
-        path = folder / entry["file"]
-        with h5py.File(path, "r") as source:
-            arrays = {key: source[key].asstr()[()] if h5py.check_string_dtype(source[key].dtype) else source[key][()]
-                      for key in source}
-            attributes = {key: value.decode() if isinstance(value, bytes) else value
-                          for key, value in source.attrs.items()}
-        with h5py.File(path, "w") as target:
-            for key, values in arrays.items():
-                if values.dtype == object:
-                    target.create_dataset(key, data=values, dtype=h5py.string_dtype())
-                else:
-                    target.create_dataset(key, data=values, chunks=(1, *values.shape[1:]) if values.ndim > 1 else None)
-            target.attrs.update({**attributes, "schema_version": 1})
-    (folder / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
-
-
 def test_v1_shards_still_read(shards, tmp_path):
     old = copy(shards, tmp_path)
-    to_v1(old)
+    rewrite_as_v1(old)
     assert variable_length_items(old / "shard-00000.h5")  # it really is v1
     assert verify(old) == []
     assert clips_digest(old) == clips_digest(shards)
