@@ -275,7 +275,8 @@ def inspect(shards, verify, as_json):
 
 def echo_summary(summary: dict, problems: list[str] | None) -> None:
     """`avsprep inspect` without --json."""
-    click.echo(f"{summary['clips']} clips in {summary['shards']} shards, "
+    click.echo(f"schema version {summary['schema_version']}: "
+               f"{summary['clips']} clips in {summary['shards']} shards, "
                f"{summary['bytes_on_disk'] / 2**20:.1f} MiB on disk, embedder {summary['embedder']}, "
                f"T={summary['frames_per_clip']}")
     for split, per_class in summary["clips_per_split_and_class"].items():
