@@ -215,12 +215,12 @@ def _write_clip(home, version, uid, frames, masks, seconds, other=None):
     soundfile.write(folder / "audio.wav", tone(440, seconds), 16000)
 
 
-def make_avss_tree(root):
+def make_avss_tree(root, names=AVSS_NAMES):
     """v1s train (5 frames, masks of all five but only frame 0 trains), v1m val (frame 3's mask missing, one
     off-palette pixel), v2 test (10 frames)."""
     home = root / "AVSBench-semantic"
     home.mkdir(parents=True)
-    (home / "label2idx.json").write_text(json.dumps({n: i for i, n in enumerate(AVSS_NAMES)}))
+    (home / "label2idx.json").write_text(json.dumps({n: i for i, n in enumerate(names)}))
     rng = np.random.default_rng(0)
     H = W = 32
     square = np.zeros((H, W), np.uint8)
@@ -360,3 +360,21 @@ def test_synth_semantic_tree_imports(tmp_path):
     assert (data["other_label"] >= 0).all() and data["other_masks"].max() == 1
     labelled = data["masks"][data["mask_valid"]]
     assert labelled.max() <= 5 and (labelled > 0).any()
+
+
+def test_released_avss_layout_evaluates_through_format_avsbench(tmp_path):
+    """A random state dict in the released AVSS ResNet-50 layout, evaluated by the CLI with the AVSS config on
+    71-class shards: the semantic JSON, every class by name."""
+    from avstrain.cli import main as avstrain_main
+
+    names = ["background", *(f"class_{i:02d}" for i in range(1, 71))]
+    home = make_avss_tree(tmp_path, names)
+    assert _import(home, tmp_path / "shards").exit_code == 0
+    torch.save(_random_state(_tsv_keys("avsbench_avss_resnet50_keys.tsv")), tmp_path / "AVSS_R50.pth")
+    result = CliRunner().invoke(avstrain_main, [
+        "eval", "--checkpoint", str(tmp_path / "AVSS_R50.pth"), "--format", "avsbench", "--config",
+        str(REFERENCE.parents[2] / "configs" / "avsbench-avss-r50.toml"), "--shards", str(tmp_path / "shards"),
+        "--split", "test", "--set", "train.amp=fp32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "AVSS_R50-eval-test.json").read_text())
+    assert list(scores["per_class"]) == names and scores["overall"]["frames"] == 10
