@@ -680,7 +680,24 @@ class _RowReader:
         out = np.empty(self.row_shape, self.dtype)
         self.file_space.select_hyperslab((row, *(0,) * len(self.row_shape)), self.count)
         self.dataset.id.read(self.memory_space, self.file_space, out)
+        if not out.reshape(-1).view(np.uint8).any():
+            self._check_stored(row, out)  # all zeros: the fill value, what HDF5 gives for a chunk its index lost
         return out[()].decode() if self.string else out
+
+    def _check_stored(self, row: int, out: np.ndarray) -> None:
+        """Raise (OSError) unless the chunk holding `row` is stored and holds `out`. Rare: only rows of zeros come
+        here (labels 0, empty masks), and the chunk is read raw, without HDF5's lookup for the fill value."""
+        chunks = self.dataset.chunks
+        if chunks is None:
+            return
+        start = row - row % chunks[0]
+        _, raw = self.dataset.id.read_direct_chunk((start, *(0,) * len(self.row_shape)))  # OSError if not stored
+        if self.dataset.compression:
+            return
+        data = raw[:-4] if self.dataset.fletcher32 else raw
+        stored = np.frombuffer(data, self.dtype, count=int(np.prod(chunks))).reshape(chunks)[row - start]
+        if stored.tobytes() != out.tobytes():
+            raise OSError("the chunk index does not find the stored chunk")
 
 
 class ShardReader:
