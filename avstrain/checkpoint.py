@@ -9,6 +9,7 @@ else is ever unpickled). Its keys, all defined here:
 | `model` | the model's state dict |
 | `config` | the resolved config, a nested dict (`config_to_dict`) |
 | `classes` | the training shards' class names (they size a crop classifier) |
+| `mask_classes` | classes of the mask head as the shards sized it (1: binary; absent in older checkpoints) |
 | `embedder`, `frames_per_clip` | the shards' audio embedder and T: `predict --video` embeds a user's audio alike |
 | `epoch`, `step`, `batch_in_epoch`, `best_miou` | where the run stood (`RunState`; 0, 0, 0, -1 when converted) |
 | `optimizer`, `rng` | training checkpoints only: what `--resume` restores besides the model |
@@ -62,6 +63,8 @@ def make_checkpoint(model: nn.Module, config: Config, classes: list[str], *, run
     state = {
         "format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config_to_dict(config),
         "classes": list(classes), "embedder": embedder, "frames_per_clip": frames_per_clip,
+        # The head as the shards sized it (`model.mask_classes = 0` in the config means: from the shards).
+        "mask_classes": int(getattr(getattr(getattr(model, "module", model), "config", None), "mask_classes", 1)),
         "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_miou": run.best_metric,
     }
     if optimizer is not None:
@@ -113,7 +116,8 @@ def model_from_checkpoint(state: dict) -> tuple[nn.Module, Config]:
     # Every tensor comes from the checkpoint: the ImageNet weight files it was trained from need not be at hand.
     no_weight_files = dataclasses.replace(config, model=dataclasses.replace(
         config.model, backbone_weights=None, crop_backbone_weights=None))
-    model = build_for_shards(no_weight_files, {"classes": state["classes"]})
+    model = build_for_shards(no_weight_files, {"classes": state["classes"],
+                                               "mask_classes": state.get("mask_classes", 1)})
     model.load_state_dict(state["model"])
     return model, config
 

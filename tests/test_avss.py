@@ -340,6 +340,10 @@ def test_avss_recipe_smoke_and_semantic_eval(avss_shards, tmp_path):
         overall["miou_real_frames"], abs=1e-9)
     reliance = reliance_suite(model, avss_shards, split="test")
     assert set(reliance) >= {"true", "swap", "silence", "noise"} and 0 <= reliance["silence"]["fpr"] <= 1
+    from avstrain.runtime import load_for_inference
+
+    loaded, _, _ = load_for_inference(tmp_path / "run" / "last.pt")  # the head as the shards sized it
+    assert loaded.config.mask_classes == 4
 
 
 def test_synth_semantic_tree_imports(tmp_path):
