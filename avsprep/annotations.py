@@ -1,6 +1,6 @@
 """labelImg annotations: Pascal VOC XML and YOLO txt, parsed into boxes in pixel-edge coordinates.
 
-Box convention (DESIGN §3): coordinates are pixel edges, 0..W and 0..H. labelImg writes integers; other tools
+Box convention (docs/design.md §3): coordinates are pixel edges, 0..W and 0..H. labelImg writes integers; other tools
 write floats, which are rounded to the nearest integer. A box crops `image[ymin:ymax, xmin:xmax]`, so a box
 touching the right border has xmax = W.
 

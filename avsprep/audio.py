@@ -1,4 +1,4 @@
-"""Audio → VGGish-compatible log-mel examples → one EMBEDDING_DIM (128-d) embedding per second (DESIGN §5).
+"""Audio → VGGish-compatible log-mel examples → one EMBEDDING_DIM (128-d) embedding per second (docs/design.md §5).
 
 Pipeline
 --------

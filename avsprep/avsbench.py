@@ -1,4 +1,4 @@
-"""Read the AVSBench folder layout (S4 and MS3, DESIGN §3; AVSS, DESIGN §14, in `avsprep.avss`) into the clip
+"""Read the AVSBench folder layout (S4 and MS3, docs/design.md §3; AVSS, docs/design.md §14, in `avsprep.avss`) into the clip
 records that `avsprep crops` shards.
 
 Both subsets as downloaded (`Single-source/`, `Multi-sources/`):

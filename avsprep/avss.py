@@ -1,4 +1,4 @@
-"""Read the AVSBench-semantic (AVSS) layout (DESIGN §14) into clip records for the shard writer.
+"""Read the AVSBench-semantic (AVSS) layout (docs/design.md §14) into clip records for the shard writer.
 
     AVSBench-semantic/
         metadata.csv                       columns used: uid, label (v1s | v1m | v2: subset and folder), split
@@ -93,7 +93,7 @@ def read_avss_rows(path: Path, versions: tuple[str, ...]) -> list[AvssRow]:
 
 
 def mask_trains(version: str, split: str, i: int) -> bool:
-    """Whether frame i's mask is supervised (DESIGN §14): v1s train frame 0 only; every real frame otherwise."""
+    """Whether frame i's mask is supervised (docs/design.md §14): v1s train frame 0 only; every real frame otherwise."""
     return not (split == "train" and version == "v1s" and i > 0)
 
 

@@ -104,7 +104,7 @@ def read_mask(path: Path) -> np.ndarray:
 
 
 def read_colour_mask(path: Path, num_classes: int) -> tuple[np.ndarray, int]:
-    """An AVSS colour mask PNG as class indices uint8 [H,W] by the palette (DESIGN §14) and the number of
+    """An AVSS colour mask PNG as class indices uint8 [H,W] by the palette (docs/design.md §14) and the number of
     off-palette pixels (read as background). InputError for a mask that is not RGB."""
     image = decode_image(path, cv2.IMREAD_UNCHANGED, "colour mask")
     if image.ndim != 3 or image.shape[2] not in (3, 4) or image.dtype != np.uint8:
@@ -275,7 +275,7 @@ class ClipBuilder:
 def negative_audio_embeddings(embedder, frames_per_clip: int, noise_clips: int = 16,
                                seed: int = 0) -> dict[str, np.ndarray]:
     """Embeddings of audio that should segment nothing, made with the dataset's own embedder, so that training
-    and evaluation with negative audio (DESIGN §7, §9) never need the audio network:
+    and evaluation with negative audio (docs/design.md §7, §9) never need the audio network:
     `silence` [1,T,128] (digital silence) and `noise` [noise_clips,T,128] (white noise, RMS 0.01..0.3)."""
     seconds = frames_per_clip * audio_lib.EXAMPLE_SECONDS + 0.1
     samples = int(seconds * audio_lib.SAMPLE_RATE)

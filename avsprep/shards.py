@@ -1,12 +1,12 @@
 """HDF5 shards and their manifest: planning, writing, resuming, reading back and verifying.
 
 One HDF5 file per `clips_per_shard` clips, chunked per clip so that one read returns one clip. Clips are sorted by
-name and shard j holds clips [j*N, (j+1)*N) of that order (DESIGN §10), which makes the split of the work across
+name and shard j holds clips [j*N, (j+1)*N) of that order (docs/design.md §10), which makes the split of the work across
 processes or machines deterministic. Each shard is written under a temporary name and renamed when complete;
 `manifest.json` is written last and lists only complete shards, with a sha256 per dataset over its raw bytes
 (the HDF5 file's own metadata may differ between library versions; the arrays may not).
 
-Schema v2 (DESIGN §16) keeps nothing in the HDF5 global heap, where two or three flipped bytes can send libhdf5 into
+Schema v2 (docs/design.md §16) keeps nothing in the HDF5 global heap, where two or three flipped bytes can send libhdf5 into
 an endless loop: strings are fixed-length UTF-8, the attributes fixed-length byte strings of JSON. Every dataset
 carries a fletcher32 checksum per chunk, so a damaged chunk fails when it is read; fletcher32 does not cover the
 attributes, so `open_shard` holds them against the manifest. v1 shards (variable-length strings, no fletcher32)
@@ -120,7 +120,7 @@ class ShardSettings:
     has_other_masks: bool
     has_audio: bool
     box_source: str = "annotations"  # or "masks" (`avsprep avsbench --boxes-from-masks`)
-    # 1: masks are 0/1; K > 1: class indices 0..K-1, 0 background, c the class list's c - 1 (AVSS, DESIGN §14).
+    # 1: masks are 0/1; K > 1: class indices 0..K-1, 0 background, c the class list's c - 1 (AVSS, docs/design.md §14).
     mask_classes: int = 1
     has_frame_valid: bool = True  # shards written before issue 15 lack `frame_valid` (every frame real)
 
@@ -393,7 +393,7 @@ def _settings_from_manifest(manifest: dict) -> ShardSettings:
 
 def merge_parts(part_dirs: list[Path], out: Path) -> dict:
     """Join the parts written by `--num-parts K --part-index i` runs into one shard folder whose manifest is the one
-    a single run would have written (DESIGN §10). Shards are copied into `out` unless they are already there."""
+    a single run would have written (docs/design.md §10). Shards are copied into `out` unless they are already there."""
     import shutil
 
     parts: dict[int, tuple[Path, dict]] = {}

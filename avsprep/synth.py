@@ -1,4 +1,4 @@
-"""Synthetic audio-visual segmentation benchmark (`avsprep synth`, DESIGN §9).
+"""Synthetic audio-visual segmentation benchmark (`avsprep synth`, docs/design.md §9).
 
 Every scene shows two or more objects of different classes; only the sounding one is the target, so a model that
 ignores the audio cannot beat about 0.5 mIoU. Each class has a look (shape, colour; a texture in hard mode) and a

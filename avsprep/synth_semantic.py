@@ -1,4 +1,4 @@
-"""`avsprep synth --semantic`: the synthetic scenes written as an AVSBench-semantic tree (DESIGN §14).
+"""`avsprep synth --semantic`: the synthetic scenes written as an AVSBench-semantic tree (docs/design.md §14).
 
     <out>/metadata.csv                     uid, label (v1s | v1m | v2), split, a_obj (the sounding classes)
     <out>/label2idx.json                   background + the synth classes, in class order

@@ -1,4 +1,4 @@
-"""t-SNE of crop embeddings: does the trained model separate the object classes? (DESIGN §1, point 4)
+"""t-SNE of crop embeddings: does the trained model separate the object classes? (docs/design.md §1, point 4)
 
     avsprep tsne --shards shards/ --checkpoint runs/x/best.pt [--checkpoint runs/y/best.pt] --out tsne.png
 

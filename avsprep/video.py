@@ -1,4 +1,4 @@
-"""Video files in and out with PyAV (DESIGN §15): frames by timestamp, audio as 16 kHz mono, and a writer.
+"""Video files in and out with PyAV (docs/design.md §15): frames by timestamp, audio as 16 kHz mono, and a writer.
 
 Reading
 -------

@@ -1,4 +1,4 @@
-"""Training losses (DESIGN §7): mask BCE, AVSBench's audio–visual matching (AVM-AV) and the seed's crop losses.
+"""Training losses (docs/design.md §7): mask BCE, AVSBench's audio–visual matching (AVM-AV) and the seed's crop losses.
 
 ``compute_loss`` combines them with the weights of a ``LossConfig`` (weight 0 = not computed) and returns the
 total plus the unweighted parts for logging. Each part is also a public function for use on its own.
@@ -48,7 +48,7 @@ def mask_bce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = Non
 
 
 def semantic_ce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = None) -> Tensor:
-    """K-class cross-entropy as the AVSS reference computes it (DESIGN §14): no class weights, no ignore index,
+    """K-class cross-entropy as the AVSS reference computes it (docs/design.md §14): no class weights, no ignore index,
     averaged over the pixels of each frame, then over the labelled frames (Σ frame loss · flag / Σ flag).
 
     logits [B, T, K, H, W]; masks [B, T, H, W] class indices (0 background); mask_valid [B, T] bool (None = all).
@@ -66,7 +66,7 @@ def semantic_ce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = 
 def avm_semantic_loss(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, Tensor],
                       stages: tuple[int, ...] = (0, 1, 2, 3), mask_valid: Tensor | None = None,
                       normalise: bool = False) -> Tensor:
-    """The AVSS reference's AVM (DESIGN §14), KL form on a semantic head.
+    """The AVSS reference's AVM (docs/design.md §14), KL form on a semantic head.
 
     Per stage: foreground = (argmax over classes ≠ 0) as float, without gradient, average-pooled to the stage's
     h×w; v = spatial mean of stage map × foreground [B·T, C]; a = TPAVI's audio projection [B·T, C]; per frame
@@ -105,7 +105,7 @@ def avm_kl_loss(logits: Tensor, stage_maps: list[Tensor], audio_proj: dict[int, 
     """AVM-AV, KL form (the reference MS3 recipe with ``normalise=False``, ``loss.avm_normalise``'s default).
 
     Per stage: average-pool the mask logits to the stage size, then sigmoid; v = spatial mean of stage map × mask;
-    with `normalise`, L2-normalise v and the projected audio a (the reference does not: DESIGN §7 said it did
+    with `normalise`, L2-normalise v and the projected audio a (the reference does not: docs/design.md §7 said it did
     until issue 15); KL(softmax(a) ‖ softmax(v)) summed over the batch. Mean over stages.
     logits [B, T, 1, H, W]; stage_maps 4 × [B·T, C, h, w]; audio_proj {stage: [B, T, C]}.
     """

@@ -1,4 +1,4 @@
-"""Evaluation of a semantic (K-class) TPAVI model on semantic shards (AVSS, DESIGN §14).
+"""Evaluation of a semantic (K-class) TPAVI model on semantic shards (AVSS, docs/design.md §14).
 
 The official metric (`SemanticMeter`): per-frame, per-class IoU and F over the frames where the class is in the
 union, mean over all K classes, background included. As the reference does, every frame of a clip is scored,
@@ -110,7 +110,7 @@ def _non_background_rate(logits: Tensor, real: Tensor) -> tuple[float, int]:
 def reliance_semantic(model: nn.Module, shards_dir: str | Path, split: str = "test",
                       device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 4,
                       num_workers: int = 0, seed: int = 0, max_clips: int | None = None, progress=None) -> dict:
-    """The reliance suite per class (DESIGN §9, §14). "true": the official metric with the clip's own audio;
+    """The reliance suite per class (docs/design.md §9, §14). "true": the official metric with the clip's own audio;
     "swap": the audio of a clip whose class is the visible silent object's, scored against that object's mask as
     its class (miou_other: the official mean over all K; miou_other_present: over the classes that occur);
     "silence" / "noise": FPR = the share of real-frame pixels predicted as any class but background."""

@@ -1,4 +1,4 @@
-"""Colour-mask predictions of a semantic model and the scoring of any method's colour PNGs (AVSS, DESIGN §14).
+"""Colour-mask predictions of a semantic model and the scoring of any method's colour PNGs (AVSS, docs/design.md §14).
 
 Predictions use the exact palette colours (`avsprep.palette`), resized nearest-neighbour. Two layouts:
 - "dataset": `<split>/<uid>/labels_rgb/<i>.png`, i from 0, the real frames only (the download's layout below the

@@ -48,7 +48,7 @@ IMAGE_FIELDS = ("frames", "crops")  # [B,T,S,S,3] uint8 in the shards, [B,T,3,S,
 
 
 class NegativeAudio:
-    """Replaces a clip's audio by silence, noise or an off-screen class with probability p (DESIGN §7)."""
+    """Replaces a clip's audio by silence, noise or an off-screen class with probability p (docs/design.md §7)."""
 
     def __init__(self, shards_dir: Path, probability: float, kinds: tuple[str, ...], generator: torch.Generator):
         self.probability = probability

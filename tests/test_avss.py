@@ -1,4 +1,4 @@
-"""AVSS, the semantic AVSBench setting (issue 15, DESIGN §14): the 71-class model with its per-frame flag and
+"""AVSS, the semantic AVSBench setting (issue 15, docs/design.md §14): the 71-class model with its per-frame flag and
 TPAVI windows, the CE and semantic AVM losses, the AVSS checkpoint layouts, the import and the recipe's smoke."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Shard schema v2 (DESIGN §16): nothing in the global heap, fletcher32 on every dataset, attributes held against the
+"""Shard schema v2 (docs/design.md §16): nothing in the global heap, fletcher32 on every dataset, attributes held against the
 manifest, v1 still readable, and damage of any kind either reported in one line or harmless."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The factorised TPAVI equals the reference's N×N formula (DESIGN §6)."""
+"""The factorised TPAVI equals the reference's N×N formula (docs/design.md §6)."""
 
 import pytest
 import torch

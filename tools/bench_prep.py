@@ -7,7 +7,7 @@ Target: crops <= 1.5x the floor.
 
 Then, to show what bounds the ratio, a profile of the work per clip in one process over the first 200 clips:
 the floor's decode, and each stage `crops` adds on top (audio, crop + resize, sha256 of the output arrays as
-DESIGN §4 requires, the HDF5 write of those arrays), each timed alone with the library's own functions.
+docs/design.md §4 requires, the HDF5 write of those arrays), each timed alone with the library's own functions.
 
     .venv/bin/python tools/bench_prep.py [--clips 1000] [--size 224]
 """
@@ -93,7 +93,7 @@ def stage_profile(data: Path, clips: int = 200) -> dict[str, float]:
     start = time.perf_counter()
     for values in arrays.values():
         dataset_checksum(values)
-    seconds["sha256 of the output arrays (DESIGN §4)"] = (time.perf_counter() - start) * 1000 / len(records)
+    seconds["sha256 of the output arrays (docs/design.md §4)"] = (time.perf_counter() - start) * 1000 / len(records)
     with tempfile.TemporaryDirectory(dir=data.parent) as folder:
         start = time.perf_counter()
         with h5py.File(Path(folder) / "x.h5", "w") as handle:
@@ -134,7 +134,7 @@ def main() -> None:
     print(f"\nwork per clip, one process, first 200 clips ({'ms/clip':>8s} and x the decode):")
     for name, ms in profile.items():
         print(f"  {name:52s} {ms:8.2f} {ms / decode:6.2f}x")
-    required = (profile["whole clip (ClipBuilder.build)"] + profile["sha256 of the output arrays (DESIGN §4)"]
+    required = (profile["whole clip (ClipBuilder.build)"] + profile["sha256 of the output arrays (docs/design.md §4)"]
                 + profile["HDF5 write of the output arrays"])
     print(f"  {'build + sha256 + write, the least a shard costs':52s} {required:8.2f} {required / decode:6.2f}x")
     sys.exit(0 if ratio <= TARGET else 1)

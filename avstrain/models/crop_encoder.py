@@ -1,4 +1,4 @@
-"""Crop encoder of the seed project (DESIGN §7): ResNet trunk -> global average pool -> Linear(→E) -> Linear(E→K).
+"""Crop encoder of the seed project (docs/design.md §7): ResNet trunk -> global average pool -> Linear(→E) -> Linear(E→K).
 
 Two modes: ``separate`` owns its trunk (the seed's setup); ``shared`` owns none and is handed the segmentation
 backbone at call time, so the crop losses shape the features the segmenter uses. The shared trunk is passed in
