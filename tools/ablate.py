@@ -50,21 +50,28 @@ VARIANTS: dict[str, list[str]] = {
 
 def run_variant(name: str, seed: int, args) -> dict:
     """Train and evaluate one variant with one seed (or reuse its finished run folder); the reliance results."""
-    run_dir = args.runs / f"{name}-s{seed}"
+    overrides = [*SCHEDULE, *args.set, *VARIANTS[name], f"train.seed={seed}", f"train.threads={args.threads}"]
+    return train_and_evaluate(args.config, overrides, args.shards, args.runs / f"{name}-s{seed}", f"{name} seed {seed}",
+                              args.threads)
+
+
+def train_and_evaluate(config_path: Path, overrides: list[str], shards: Path, run_dir: Path, label: str,
+                       threads: int) -> dict:
+    """Train `config_path` with `overrides` into `run_dir` and run the reliance suite on the test split with its
+    best.pt; the results are written to `run_dir/reliance.json`, which a later call reuses instead of training."""
     results_file = run_dir / "reliance.json"
     if results_file.is_file():
         return json.loads(results_file.read_text())
-    torch.set_num_threads(args.threads)
-    overrides = [*SCHEDULE, *args.set, *VARIANTS[name], f"train.seed={seed}", f"train.threads={args.threads}"]
-    config = load_config(args.config, overrides)
+    torch.set_num_threads(threads)
+    config = load_config(config_path, overrides)
     start = time.perf_counter()
-    train(config, args.shards, run_dir, resume=True)
+    train(config, shards, run_dir, resume=True)
     model, config, runtime = load_for_inference(run_dir / "best.pt")
-    results = reliance_suite(model, args.shards, "test", runtime.device, runtime.amp_dtype,
+    results = reliance_suite(model, shards, "test", runtime.device, runtime.amp_dtype,
                              batch_size=config.eval.batch_size)
     results["seconds"] = time.perf_counter() - start
     results_file.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{name} seed {seed}: mIoU {results['true']['miou']:.3f}, swap {results['swap'].get('miou_other', float('nan')):.3f}"
+    print(f"{label}: mIoU {results['true']['miou']:.3f}, swap {results['swap'].get('miou_other', float('nan')):.3f}"
           f" ({results['seconds']:.0f} s)", flush=True)
     return results
 
@@ -72,6 +79,17 @@ def run_variant(name: str, seed: int, args) -> dict:
 def _run_job(job: tuple[str, int, argparse.Namespace]) -> dict:
     logging.basicConfig(level=logging.WARNING)
     return run_variant(*job)
+
+
+def run_jobs(worker, jobs: list, processes: int) -> tuple[list, float]:
+    """(worker(job) for each job in job order, wall seconds), `processes` spawned processes at a time."""
+    start = time.perf_counter()
+    if processes > 1:
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = pool.map(worker, jobs, chunksize=1)
+    else:
+        results = [worker(job) for job in jobs]
+    return results, time.perf_counter() - start
 
 
 def mean_std(values: list[float]) -> str:
@@ -96,13 +114,7 @@ def main() -> None:
     # Costliest variants first, so that the two job slots finish close together.
     by_cost = sorted(args.variants, key=lambda name: -list(VARIANTS).index(name))
     jobs = [(name, seed, args) for name in by_cost for seed in args.seeds]
-    start = time.perf_counter()
-    if args.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            results = pool.map(_run_job, jobs, chunksize=1)
-    else:
-        results = [_run_job(job) for job in jobs]
-    wall = time.perf_counter() - start
+    results, wall = run_jobs(_run_job, jobs, args.jobs)
     summary = {}
     for name in args.variants:  # in the order of VARIANTS
         runs = [r for (variant, _, _), r in zip(jobs, results) if variant == name]

@@ -49,13 +49,8 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from ablate import train_and_evaluate
 from avsprep.synth import SynthConfig, generate
-from avstrain.config import load_config
-from avstrain.evaluate import reliance_suite
-from avstrain.runtime import load_for_inference
-from avstrain.train import train
 
 #: name -> SynthConfig fields beyond the default (clips: 600 unless given).
 DATASETS: dict[str, dict] = {
@@ -107,25 +102,11 @@ def run_dir(name: str, seed: int, args: argparse.Namespace) -> Path:
 
 def run_dataset(name: str, seed: int, args: argparse.Namespace) -> dict:
     """Train and evaluate on one dataset with one seed (or reuse its finished run folder); the reliance results."""
-    folder = run_dir(name, seed, args)
-    results_file = folder / "reliance.json"
-    if results_file.is_file():
-        return json.loads(results_file.read_text())
     shards = dataset_dir(name, args) / f"shards-{SHARD_SIZE}"
-    torch.set_num_threads(args.threads)
     schedule = [f"optim.epochs={args.epochs}"] if args.epochs else []
     overrides = [*schedule, "train.workers=0", f"train.seed={seed}", f"train.threads={args.threads}"]
-    config = load_config(args.config, overrides)
-    start = time.perf_counter()
-    train(config, shards, folder, resume=True)
-    model, config, runtime = load_for_inference(folder / "best.pt")
-    results = reliance_suite(model, shards, "test", runtime.device, runtime.amp_dtype,
-                             batch_size=config.eval.batch_size)
-    results["seconds"] = time.perf_counter() - start
-    results_file.write_text(json.dumps(results, indent=1) + "\n")
-    print(f"{name} seed {seed}: mIoU {results['true']['miou']:.3f}, swap "
-          f"{results['swap'].get('miou_other', float('nan')):.3f} ({results['seconds']:.0f} s)", flush=True)
-    return results
+    return train_and_evaluate(args.config, overrides, shards, run_dir(name, seed, args), f"{name} seed {seed}",
+                              args.threads)
 
 
 def _run_job(job: tuple[str, int, argparse.Namespace]) -> dict:
