@@ -54,7 +54,8 @@ def train(config_path, shards, name, runs, overrides, resume):
 @click.option("--shards", required=True, type=EXISTING_DIR)
 @click.option("--split", default="test", show_default=True)
 @click.option("--suite", help="An evaluation suite of the model's kind besides the default one (tpavi: reliance, "
-                               "the audio-reliance suite: true, swap, silence, noise, off-screen).")
+                               "the audio-reliance suite: true, swap, silence, noise, off-screen; every kind: "
+                               "localisation, heat maps, correspondence and retrieval, docs/design.md §13).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON output (default: eval-<split>.json or reliance.json beside the checkpoint; "
                    "with --format avsbench prefixed by the checkpoint's stem).")
@@ -167,7 +168,8 @@ def _predict_shards(model, runtime, shards, out, split, batch_size, overlays, la
     with progress("predicting clips", total=clips) as advance:
         written = write_predictions(model, shards, out, split, runtime.device, runtime.amp_dtype, batch_size,
                                     progress=advance)
-    click.echo(f"wrote {written} masks of {clips} clips to {out}")
+    what = "heat maps" if hasattr(model, "heatmaps") else "masks"  # a localiser draws no mask
+    click.echo(f"wrote {written} {what} of {clips} clips to {out}")
     if overlays:
         with progress("overlay grids", total=min(overlays, clips)) as advance:
             result = write_overlays(model, shards, out / "overlays", overlays, split, runtime.device,

@@ -19,7 +19,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "pvt_v2_b0", "pvt_v2_b1", "pvt_
 CROP_MODES = ("off", "separate", "shared")
 AVM_VARIANTS = ("kl", "cosine", "kl_semantic")
 # The weighted parts of the loss; a model kind (`avstrain.models.registry`) says which it trains with.
-LOSS_WEIGHTS = ("bce", "ce", "avm", "crop_cls", "crop_temporal", "crop_audio")
+LOSS_WEIGHTS = ("bce", "ce", "avm", "crop_cls", "crop_temporal", "crop_audio", "senocak_unsup", "senocak_sup", "avc")
 
 
 @dataclass
@@ -53,6 +53,12 @@ class ModelConfig:
     # Frames per TPAVI window (None: all T frames of the clip); the AVSS reference hard-codes 5, so its 10-frame
     # clips are two independent 5-frame windows.
     tpavi_window: int | None = None
+    # The localisation and correspondence kinds (senocak, avenet, avolnet; DESIGN §13): the backbone stage they read
+    # (0..3, stride 4·2^k; 1 = stride 8, 8×8 cells at 64 px, where a 4×4 grid would cap the pointing game near
+    # 0.89), a frozen backbone (only with backbone_weights, as Senocak et al. froze VGG16), their embedding width.
+    feature_stage: int = 1
+    freeze_backbone: bool = False
+    embed_dim: int = 128
 
     def __post_init__(self) -> None:
         self.tpavi_stages = tuple(int(s) for s in self.tpavi_stages)
@@ -76,6 +82,13 @@ class ModelConfig:
             raise ValueError(f"model.mask_classes must be >= 0 (0: from the shards), got {self.mask_classes}")
         if self.tpavi_window is not None and self.tpavi_window < 1:
             raise ValueError(f"model.tpavi_window must be >= 1 frame, got {self.tpavi_window}")
+        if self.feature_stage not in (0, 1, 2, 3):
+            raise ValueError(f"model.feature_stage must be a stage in 0..3, got {self.feature_stage}")
+        if self.freeze_backbone and not self.backbone_weights:
+            raise ValueError("model.freeze_backbone needs model.backbone_weights: a frozen random backbone learns "
+                             "nothing")
+        if self.embed_dim < 1:
+            raise ValueError(f"model.embed_dim must be >= 1, got {self.embed_dim}")
 
 
 @dataclass
@@ -97,6 +110,15 @@ class LossConfig:
     crop_cls: float = 0.0
     crop_temporal: float = 0.0
     crop_audio: float = 0.0
+    # Senocak et al. (DESIGN §13): the weights of the unsupervised L_U and of the supervised L_S (λ), and the
+    # fraction of training clips that keep their ground truth (0: unsupervised, 1: every clip), picked by a hash of
+    # (supervised_seed, clip name), so the same clips in every epoch and run.
+    senocak_unsup: float = 0.0
+    senocak_sup: float = 0.0
+    supervised_fraction: float = 1.0
+    supervised_seed: int = 0
+    # Audio-visual correspondence (AVE-Net, AVOL-Net).
+    avc: float = 0.0
 
     def __post_init__(self) -> None:
         self.avm_stages = tuple(int(s) for s in self.avm_stages)
@@ -107,6 +129,8 @@ class LossConfig:
                 raise ValueError(f"loss.{name} must be >= 0, got {getattr(self, name)}")
         if self.avm > 0 and not self.avm_stages:
             raise ValueError("loss.avm > 0 needs at least one stage in loss.avm_stages")
+        if not 0 <= self.supervised_fraction <= 1:
+            raise ValueError(f"loss.supervised_fraction is a fraction in [0, 1], got {self.supervised_fraction}")
 
 
 @dataclass

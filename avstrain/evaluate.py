@@ -479,7 +479,11 @@ def _table(header: list[str], rows: list[list[object]], names: int = 1) -> list[
 
 
 def format_table(results: dict) -> str:
-    """A plain-text table of an `evaluate` or a `reliance_suite` result."""
+    """A plain-text table of an `evaluate`, a `reliance_suite` or a `localisation_suite` result."""
+    if "kind" in results:
+        from avstrain.localisation import format_localisation_table  # it builds on this module
+
+        return format_localisation_table(results)
     split = results.get("split", "?")
     if "overall" in results:
         overall = results["overall"]

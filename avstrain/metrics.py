@@ -113,31 +113,31 @@ def fpr(logits: Tensor) -> float:
     return float((torch.sigmoid(logits.float()) > 0.5).double().mean())
 
 
-def ndcg(query: Tensor, gallery: Tensor, query_labels: Tensor, gallery_labels: Tensor, k: int | None = 30) -> float:
-    """Mean nDCG@k of cross-modal retrieval (Arandjelović & Zisserman 2018): each query (e.g. an audio embedding)
-    ranks the gallery (e.g. crop embeddings) by cosine similarity; an item is relevant (gain 1) when its label equals
-    the query's. Queries with no relevant item are left out; 0 when no query is left.
+def ndcg(query: Tensor, gallery: Tensor, query_labels: Tensor, gallery_labels: Tensor, k: int | None = 30,
+         exclude_self: bool = False) -> float:
+    """Mean nDCG@k of retrieval (Arandjelović & Zisserman 2018), by `sklearn.metrics.ndcg_score`: each query (e.g.
+    an audio embedding) ranks the gallery (e.g. image embeddings) by cosine similarity (for L2-normalised embeddings
+    the order of the Euclidean distance); an item is relevant (gain 1) when its label equals the query's. Queries
+    with no relevant item are left out; 0 when no query is left. Tied scores share their gains (sklearn's default).
 
     query [Q, D], gallery [G, D], query_labels [Q], gallery_labels [G]; k = None ranks the whole gallery.
+    `exclude_self`: query and gallery are the same items (im→im, aud→aud), and an item never retrieves itself.
     """
-    if query.numel() == 0 or gallery.numel() == 0:
-        return 0.0
+    from sklearn.metrics import ndcg_score
+
     q = torch.nn.functional.normalize(query.double(), dim=-1)
     g = torch.nn.functional.normalize(gallery.double(), dim=-1)
-    sim = q @ g.T  # [Q, G]
-    k = gallery.shape[0] if k is None else min(k, gallery.shape[0])
-    # Stable sort: ties keep gallery order, so the figure is deterministic.
-    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :k]  # [Q, k]
-    relevant = (gallery_labels[None, :] == query_labels[:, None])  # [Q, G]
-    gains = relevant.gather(1, order).double()  # [Q, k]
-    discount = 1.0 / torch.log2(torch.arange(2, k + 2, dtype=torch.float64))  # [k]
-    dcg = (gains * discount).sum(1)
-    n_rel = relevant.sum(1).clamp(max=k)  # [Q]
-    idcg = torch.cumsum(discount, 0)[(n_rel - 1).clamp(min=0)]
-    keep = n_rel > 0
+    scores = q @ g.T  # [Q, G]
+    relevant = (query_labels[:, None] == gallery_labels[None, :]).double()  # [Q, G]
+    if exclude_self:  # drop the diagonal: [Q, G - 1]
+        off_diagonal = ~torch.eye(len(q), dtype=torch.bool)
+        scores, relevant = (x[off_diagonal].view(len(q), -1) for x in (scores, relevant))
+    keep = relevant.sum(1) > 0
     if not keep.any():
         return 0.0
-    return float((dcg[keep] / idcg[keep]).mean())
+    if relevant.shape[1] == 1:  # sklearn refuses a single document; a lone relevant item is ranked first
+        return 1.0
+    return float(ndcg_score(relevant[keep].numpy(), scores[keep].numpy(), k=k))
 
 
 class SegmentationMeter:

@@ -4,6 +4,9 @@ Written masks are 0/255 single-channel PNGs named like the ground truth, frame n
 `<out>/<split>/<category>/<clip>/<clip>_<k>.png` (S4 layout; clips without a class go to `<out>/<split>/<clip>/`).
 Scoring finds files by stem, recursively, under both roots, so it reads the S4 and MS3 layouts alike; the reference's
 own `save_mask` numbers frames from 0, which `index_base=0` accounts for.
+
+A localiser (senocak, avolnet; DESIGN §13) predicts heat maps, not masks: they are written in the same layout as
+8-bit grey PNGs, each frame's map upsampled to the frame and scaled from its minimum (0) to its maximum (255).
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ from torch.utils.data import DataLoader
 from avsprep.errors import InputError
 from avstrain.data import ShardDataset
 from avstrain.evaluate import predict_logits
+from avstrain.visualise import predict_with_heat
 from avstrain.metrics import FPRMeter, SegmentationMeter
 from avstrain.runtime import eval_mode
 
@@ -32,15 +36,19 @@ BINARY_LOGIT = 20.0
 def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str | Path, split: str = "test",
                       device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 4,
                       progress: Callable[[int], None] | None = None) -> int:
-    """Write sigmoid(logit) > 0.5 as 0/255 PNGs for every clip of the split; returns the number of files written."""
+    """Write sigmoid(logit) > 0.5 as 0/255 PNGs for every clip of the split (a localiser: its heat maps, scaled to
+    0..255 per frame); returns the number of files written."""
     device, out = torch.device(device), Path(out)
     dataset = ShardDataset(shards_dir, split, shuffle=False)
     written = 0
     model.to(device)
     with eval_mode(model):
         for batch in DataLoader(dataset, batch_size=batch_size):
-            logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
-            masks = ((logits[:, :, 0] > 0).numpy() * 255).astype(np.uint8)  # sigmoid > 0.5 <=> logit > 0
+            if hasattr(model, "heatmaps"):
+                masks = _heat_pngs(predict_with_heat(model, batch["frames"], batch["audio"], device, amp_dtype).heat)
+            else:
+                logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
+                masks = ((logits[:, :, 0] > 0).numpy() * 255).astype(np.uint8)  # sigmoid > 0.5 <=> logit > 0
             for name, label, clip_masks in zip(batch["name"], batch["label"].tolist(), masks):
                 folder = out / split / (dataset.classes[label] if label >= 0 else "") / name
                 folder.mkdir(parents=True, exist_ok=True)
@@ -50,6 +58,14 @@ def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str |
             if progress:
                 progress(len(batch["name"]))
     return written
+
+
+def _heat_pngs(heat: torch.Tensor) -> np.ndarray:
+    """heat [B,T,S,S] -> uint8, each frame from its minimum (0) to its maximum (255)."""
+    flat = heat.flatten(2)
+    low, high = flat.min(2, keepdim=True).values, flat.max(2, keepdim=True).values
+    scaled = (flat - low) / (high - low).clamp(min=1e-12)
+    return (scaled.view_as(heat).numpy() * 255).round().astype(np.uint8)
 
 
 def _index_pngs(root: Path) -> dict[str, Path]:

@@ -1,7 +1,8 @@
 """One self-contained HTML page per run: `runs/<name>/report.html` (`avstrain report runs/x/`).
 
-It gathers what the run folder holds: the resolved config, the per-epoch validation table, every evaluation
-(`eval-*.json`) and the audio-reliance suite (`reliance.json`) as tables, the training curves (`curves.png`,
+It gathers what the run folder holds: the resolved config, the per-epoch validation table (of the metric that
+chooses the model kind's `best.pt`), every evaluation (`eval-*.json`), the audio-reliance suite (`reliance.json`)
+and the localisation suite (`localisation.json`) as tables, the training curves (`curves.png`,
 drawn by `avstrain.plot` when missing), the t-SNE picture(s) (`tsne*.png`) and the overlay grids
 (`**/overlays/*.png`, from `avstrain predict --overlays N --out runs/<name>/...`). Images are embedded as base64
 data URIs, so the page can be mailed or archived alone. A small inline script counts the images that loaded
@@ -13,6 +14,7 @@ import base64
 import html
 import json
 import logging
+import tomllib
 from pathlib import Path
 
 from avsprep.errors import InputError
@@ -66,7 +68,34 @@ def _table(header: list[str], rows: list[list]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _epoch_table(metrics: list[dict]) -> str:
+def _validation_metric(run_dir: Path) -> str:
+    """The dotted path of the run's validation metric: its kind's `best_metric` (config.toml; tpavi's mIoU)."""
+    from avstrain.config import ConfigError
+    from avstrain.models import get_kind
+
+    config = run_dir / "config.toml"
+    try:
+        kind = tomllib.loads(config.read_text(encoding="utf-8")).get("model", {}).get("kind", "tpavi")
+        return get_kind(kind).best_metric
+    except (OSError, tomllib.TOMLDecodeError, ConfigError):
+        return "overall.miou"
+
+
+def _value(epoch: dict, metric: str) -> float | None:
+    from avstrain.train import metric_value
+
+    try:
+        return metric_value(epoch.get("val", {}), metric)
+    except (KeyError, TypeError):
+        return None
+
+
+def _epoch_table(metrics: list[dict], metric: str) -> str:
+    if metric != "overall.miou":  # another kind: its own metric only
+        return _table(["epoch", "step", f"val {metric}", "train s", "clips/s"],
+                      [[m.get("epoch"), m.get("step"), _value(m, metric), *(
+                          f"{m[key]:.1f}" if isinstance(m.get(key), (int, float)) else None
+                          for key in ("train_seconds", "clips_per_second"))] for m in metrics])
     rows = []
     for m in metrics:
         overall = m.get("val", {}).get("overall", {})
@@ -98,17 +127,20 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         plot_run(run_dir, curves)
 
     parts = [f"<h1>Run {html.escape(run_dir.name)}</h1>"]
+    metric = _validation_metric(run_dir)
     if metrics:
-        best = max(metrics, key=lambda m: m.get("val", {}).get("overall", {}).get("miou", -1))
+        best = max(metrics, key=lambda m: -1 if _value(m, metric) is None else _value(m, metric))
         seconds = sum(m.get("train_seconds", 0) for m in metrics)
+        name = "mIoU" if metric == "overall.miou" else metric
         parts.append(f"<p>{len(metrics)} validated epochs, {metrics[-1].get('step')} steps, "
-                     f"{seconds / 60:.1f} min of training; best validation mIoU "
-                     f"<b>{_fmt(best.get('val', {}).get('overall', {}).get('miou'))}</b> at epoch {best.get('epoch')} "
+                     f"{seconds / 60:.1f} min of training; best validation {html.escape(name)} "
+                     f"<b>{_fmt(_value(best, metric))}</b> at epoch {best.get('epoch')} "
                      "(<code>best.pt</code>).</p>")
     else:
         parts.append("<p>No validation logged (metrics.jsonl is missing or empty).</p>")
 
-    results = sorted(run_dir.glob("eval-*.json")) + sorted(run_dir.glob("reliance*.json"))
+    results = [path for pattern in ("eval-*.json", "reliance*.json", "localisation*.json")
+               for path in sorted(run_dir.glob(pattern))]
     if results:
         parts.append("<h2>Evaluation</h2>")
         parts += [_result_section(path) for path in results]
@@ -125,15 +157,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> Path:
         parts.append("<h2>Predictions</h2><p>Rows: frame; ground truth (sounding object green, other visible "
                      "object outlined orange); then for the clip's own audio, the other object's audio and silence: "
                      "the predicted mask (red; the object it should follow outlined) and the TPAVI heat map "
-                     "(colour scale shared within a clip).</p>")
+                     "(colour scale shared within a clip); a localiser draws its heat map alone, labelled with its "
+                     "pointing game.</p>")
         parts += [_figure(path, str(path.relative_to(run_dir))) for path in overlays[:MAX_OVERLAYS]]
         if len(overlays) > MAX_OVERLAYS:
             parts.append(f"<p>{len(overlays) - MAX_OVERLAYS} more grids in the run folder.</p>")
     if metrics:
-        parts += ["<h2>Validation per epoch</h2>", _epoch_table(metrics)]
-    config = run_dir / "config.toml"
-    if config.exists():
-        parts += ["<h2>Config</h2>", f"<pre>{html.escape(config.read_text(encoding='utf-8'))}</pre>"]
+        parts += ["<h2>Validation per epoch</h2>", _epoch_table(metrics, metric)]
+    if (run_dir / "config.toml").exists():
+        parts += ["<h2>Config</h2>", f"<pre>{html.escape((run_dir / 'config.toml').read_text(encoding='utf-8'))}</pre>"]
 
     page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(run_dir.name)} report</title><style>{STYLE}</style>"

@@ -7,8 +7,10 @@ Overlay grid (`avstrain predict ... --overlays N`), one PNG per clip, T columns,
   another clip of the split whose class is that object's), silence — the predicted mask (red) over the frame with
   the object it should follow outlined, and the TPAVI audio-visual heat map over the frame.
 
-The heat map is the per-position score θ_i·φ_t of the finest TPAVI stage (`AVSOutput.av_scores`, DESIGN §6),
-upsampled bilinearly to the frame. Its colour scale is shared by all rows and frames of a clip (1st..99th
+The heat map is the per-position score θ_i·φ_t of the finest TPAVI stage (`AVSOutput.av_scores`, DESIGN §6), or
+for the localisers (senocak, avolnet; DESIGN §13), which draw no mask, their own heat map (the row's label then
+gives the pointing game: frames whose maximum lies in the object the audio should point to), upsampled bilinearly
+to the frame. Its colour scale is shared by all rows and frames of a clip (1st..99th
 percentile), so the rows compare: with the other object's audio the hot region should move to the other object.
 
 `segment_video` runs a checkpoint on a video file, without shards: frames at 1 per second, the frame shown at the
@@ -49,26 +51,40 @@ OTHER_RGB = (255, 150, 0)
 
 @dataclass
 class Prediction:
-    """probabilities [B,T,S,S] float32 (sigmoid of the logits); heat [B,T,S,S] float32 or None (no TPAVI)."""
+    """probabilities [B,T,S,S] float32 (sigmoid of the logits; None for a localiser, which draws no mask);
+    heat [B,T,S,S] float32 or None (the vision-only TPAVI model has none)."""
 
-    probabilities: Tensor
+    probabilities: Tensor | None
     heat: Tensor | None
+
+
+def _to_frame_size(maps: Tensor, size: int) -> Tensor:
+    """[B,T,h,w] -> [B,T,S,S] float32 on the CPU, bilinear."""
+    B, T = maps.shape[:2]
+    return F.interpolate(maps.float().flatten(0, 1)[:, None], size=(size, size), mode="bilinear",
+                         align_corners=False)[:, 0].view(B, T, size, size).cpu()
 
 
 @torch.no_grad()
 def predict_with_heat(model: nn.Module, frames: Tensor, audio: Tensor, device: torch.device | str = "cpu",
                       amp_dtype: torch.dtype | None = None) -> Prediction:
-    """frames [B,T,S,S,3] uint8, audio [B,T,128] -> Prediction at frame size S (model in eval mode, on device)."""
+    """frames [B,T,S,S,3] uint8, audio [B,T,128] -> Prediction at frame size S (model in eval mode, on device).
+
+    A model with `heatmaps` (the localisers) gives its first heat map; TPAVI its masks and finest `av_scores`."""
     device = torch.device(device)
+    size = frames.shape[2]
     with autocast(device, amp_dtype):
+        if hasattr(model, "heatmaps"):
+            maps = model.heatmaps(frames.to(device).permute(0, 1, 4, 2, 3), audio.to(device))
+            return Prediction(None, _to_frame_size(next(iter(maps.values())), size))
         output = model(frames.to(device).permute(0, 1, 4, 2, 3), audio.to(device))
-    B, T, _, S, _ = output.logits.shape
+    if not hasattr(output, "av_scores"):
+        raise InputError(None, "this model draws neither masks nor heat maps (AVE-Net: its outputs are correspondence "
+                               "and embeddings, see avstrain eval --suite localisation)")
     probabilities = torch.sigmoid(output.logits.float())[:, :, 0].cpu()
     heat = None
     if output.av_scores:
-        scores = output.av_scores[min(output.av_scores)].float()  # the finest TPAVI stage: [B,T,h,w]
-        heat = F.interpolate(scores.flatten(0, 1)[:, None], size=(S, S), mode="bilinear",
-                             align_corners=False)[:, 0].view(B, T, S, S).cpu()
+        heat = _to_frame_size(output.av_scores[min(output.av_scores)], size)  # the finest TPAVI stage
     return Prediction(probabilities, heat)
 
 
@@ -127,6 +143,15 @@ def draw_grid(rows: list[tuple[str, list[np.ndarray]]], title: str, out: Path, c
 def _put_lines(canvas: np.ndarray, lines: list[str], x: int, y: int, scale: float = 0.45) -> None:
     for i, line in enumerate(lines):
         cv2.putText(canvas, line, (x, y + 18 * i), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+
+
+def _pointing_label(heat: np.ndarray, follow: np.ndarray | None, valid: np.ndarray) -> str:
+    """"pointing k/n": frames (with a mask) whose heat map [T,S,S] peaks inside `follow` [T,S,S]."""
+    if follow is None:
+        return ""
+    frames = [t for t in range(len(heat)) if valid[t]]
+    hits = sum(bool(follow[t].flat[int(np.argmax(heat[t]))]) for t in frames)
+    return f"pointing {hits}/{len(frames)}" if frames else ""
 
 
 def _iou(prediction: np.ndarray, target: np.ndarray) -> float:
@@ -233,6 +258,10 @@ def _clip_grid(name: str, clip: dict, classes: list[str], label: int, other: int
     heat = prediction.heat.numpy() if prediction.heat is not None else None
     low, high = (np.percentile(heat, 1), np.percentile(heat, 99)) if heat is not None else (0.0, 1.0)
     for i, condition in enumerate(conditions):
+        if prediction.probabilities is None:  # a localiser: its heat map is the prediction
+            rows.append((f"{condition.label}\n{_pointing_label(heat[i], condition.follow, valid)}",
+                         [heat_overlay(frames[t], heat[i, t], low, high) for t in range(T)]))
+            continue
         predicted = prediction.probabilities[i].numpy() > 0.5  # [T,S,S]
         follow = condition.follow
         if follow is None:

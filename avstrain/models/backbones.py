@@ -34,6 +34,17 @@ class Backbone(nn.Module, abc.ABC):
     def load_weights(self, path: str | Path) -> None:
         """Load ImageNet weights from a local file."""
 
+    def keep_stages(self, last: int) -> None:
+        """Drop the stages after stage `last` (0..3): they become identities, so a model that reads stage `last`
+        pays nothing for them and has no parameter without a gradient. The maps after `last` then repeat it."""
+        for k in range(last + 1, len(STRIDES)):
+            self._replace_stage(k, nn.Identity())
+        self.channels = tuple(c if k <= last else self.channels[last] for k, c in enumerate(self.channels))
+        self.strides = tuple(s if k <= last else self.strides[last] for k, s in enumerate(self.strides))
+
+    @abc.abstractmethod
+    def _replace_stage(self, k: int, module: nn.Module) -> None: ...
+
 
 class ResNetBackbone(Backbone):
     """torchvision ResNet without its classifier.
@@ -70,6 +81,9 @@ class ResNetBackbone(Backbone):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         _strict_load(self, state, source=str(path))
         log.info("loaded %s weights from %s", self.name, path)
+
+    def _replace_stage(self, k: int, module: nn.Module) -> None:
+        setattr(self, f"layer{k + 1}", module)
 
 
 class PVTv2Backbone(Backbone):
@@ -112,6 +126,9 @@ class PVTv2Backbone(Backbone):
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
         _strict_load(self.body, state, source=str(path))
         log.info("loaded %s weights from %s", self.name, path)
+
+    def _replace_stage(self, k: int, module: nn.Module) -> None:
+        self.body.stages[k] = module
 
 
 def build_backbone(name: str, weights: str | Path | None = None) -> Backbone:

@@ -351,4 +351,6 @@ class TPAVIKind(ModelKind):
     def suites(self) -> dict:
         from avstrain.evaluate import evaluate, reliance_suite  # evaluate -> runtime -> checkpoint -> models
 
-        return {"default": evaluate, "reliance": reliance_suite}
+        from avstrain.localisation import localisation_suite  # TPAVI's mask and av_scores as heat maps (§13)
+
+        return {"default": evaluate, "reliance": reliance_suite, "localisation": localisation_suite}
