@@ -1,4 +1,4 @@
-"""Typed configuration of the trainer (DESIGN §12), nanoGPT-style: plain dataclass fields, one per knob.
+"""Typed configuration of the trainer (docs/design.md §12), nanoGPT-style: plain dataclass fields, one per knob.
 
 One dataclass per section (`data`, `model`, `loss`, `optim`, `train`, `eval`); defaults are the AVSBench S4 recipe
 (ResNet-50, C=256, 224 px, TPAVI at all four stages, mask BCE only, Adam 1e-4, batch 4, 15 epochs). A TOML file in
@@ -14,6 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from avsprep.embedding import EMBEDDING_DIM
+
 BACKBONES = ("resnet18", "resnet34", "resnet50", "pvt_v2_b0", "pvt_v2_b1", "pvt_v2_b2", "pvt_v2_b3", "pvt_v2_b4",
              "pvt_v2_b5")
 CROP_MODES = ("off", "separate", "shared")
@@ -25,7 +27,7 @@ LOSS_WEIGHTS = ("bce", "ce", "avm", "crop_cls", "crop_temporal", "crop_audio", "
 @dataclass
 class ModelConfig:
     """The model: its kind (the registered family, `avstrain.models.registry`) and that kind's options. Today the
-    one kind is "tpavi", the TPAVI AVS model (DESIGN §6) with its optional crop encoder (DESIGN §7)."""
+    one kind is "tpavi", the TPAVI AVS model (docs/design.md §6) with its optional crop encoder (docs/design.md §7)."""
 
     kind: str = "tpavi"
     backbone: str = "resnet50"
@@ -36,7 +38,7 @@ class ModelConfig:
     tpavi_stages: tuple[int, ...] = (0, 1, 2, 3)
     # False builds the vision-only model: same code path, no TPAVI blocks, audio ignored.
     audio: bool = True
-    audio_dim: int = 128
+    audio_dim: int = EMBEDDING_DIM
     # "off": no crop encoder; "separate": own ResNet trunk (the seed project); "shared": crops go through `backbone`.
     crop_mode: str = "off"
     crop_backbone: str = "resnet18"
@@ -44,7 +46,7 @@ class ModelConfig:
     crop_embed_dim: int = 512
     # Classes of the crop classifier; 0 builds no classifier (the trainer sets it from the shard manifest).
     num_classes: int = 0
-    # Mask classes of the head (DESIGN §14): 1 the binary S4/MS3 head; K >= 2 a K-class semantic head, class 0
+    # Mask classes of the head (docs/design.md §14): 1 the binary S4/MS3 head; K >= 2 a K-class semantic head, class 0
     # background (AVSS: 71); 0 takes K from the shards' manifest.
     mask_classes: int = 1
     # TPAVI's audio projection (`align_channel`) has a bias in the S4/MS3 reference and none in AVSS: the model is
@@ -53,7 +55,7 @@ class ModelConfig:
     # Frames per TPAVI window (None: all T frames of the clip); the AVSS reference hard-codes 5, so its 10-frame
     # clips are two independent 5-frame windows.
     tpavi_window: int | None = None
-    # The localisation and correspondence kinds (senocak, avenet, avolnet; DESIGN §13): the backbone stage they read
+    # The localisation and correspondence kinds (senocak, avenet, avolnet; docs/design.md §13): the backbone stage they read
     # (0..3, stride 4·2^k; 1 = stride 8, 8×8 cells at 64 px, where a 4×4 grid would cap the pointing game near
     # 0.89), a frozen backbone (only with backbone_weights, as Senocak et al. froze VGG16), their embedding width.
     feature_stage: int = 1
@@ -93,24 +95,24 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Loss weights (DESIGN §7); a weight of 0 switches that part off (it is then not computed at all).
+    """Loss weights (docs/design.md §7); a weight of 0 switches that part off (it is then not computed at all).
 
     The defaults here are the "tpavi" kind's; `build_config` takes each kind's own defaults from its registry entry.
     """
 
     bce: float = 1.0
-    # K-class cross-entropy of the semantic head (AVSS, DESIGN §14), averaged over pixels, then labelled frames.
+    # K-class cross-entropy of the semantic head (AVSS, docs/design.md §14), averaged over pixels, then labelled frames.
     ce: float = 0.0
     # The AVSBench MS3 recipe uses avm = 0.5 with the KL form; the S4 recipe (the default here) uses none.
     avm: float = 0.0
     avm_variant: str = "kl"
     avm_stages: tuple[int, ...] = (0, 1, 2, 3)
-    # L2-normalise v and a before the KL of AVM. The reference MS3 and AVSS recipes do not (DESIGN §7, §14).
+    # L2-normalise v and a before the KL of AVM. The reference MS3 and AVSS recipes do not (docs/design.md §7, §14).
     avm_normalise: bool = False
     crop_cls: float = 0.0
     crop_temporal: float = 0.0
     crop_audio: float = 0.0
-    # Senocak et al. (DESIGN §13): the weights of the unsupervised L_U and of the supervised L_S (λ), and the
+    # Senocak et al. (docs/design.md §13): the weights of the unsupervised L_U and of the supervised L_S (λ), and the
     # fraction of training clips that keep their ground truth (0: unsupervised, 1: every clip), picked by a hash of
     # (supervised_seed, clip name), so the same clips in every epoch and run.
     senocak_unsup: float = 0.0
@@ -161,7 +163,7 @@ class OptimConfig:
 class TrainConfig:
     seed: int = 0
     workers: int = 2  # DataLoader workers
-    # Negative audio (DESIGN §7): probability that a training clip's audio is replaced by silence, noise or an
+    # Negative audio (docs/design.md §7): probability that a training clip's audio is replaced by silence, noise or an
     # off-screen class, with an empty target.
     negatives: float = 0.0
     negative_kinds: tuple[str, ...] = ("silence", "noise", "offscreen")

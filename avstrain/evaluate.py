@@ -1,4 +1,4 @@
-"""Evaluation of an AVS model on a split of the shards: metrics (DESIGN §8) and the audio-reliance suite (§9).
+"""Evaluation of an AVS model on a split of the shards: metrics (docs/design.md §8) and the audio-reliance suite (§9).
 
 `evaluate` scores the clips' own audio against their masks, overall and per class. `reliance_suite` asks whether the
 mask follows the sound: the clip's own audio (mIoU, F), the audio of the other visible object's class taken from
@@ -283,7 +283,7 @@ def _report(progress: Progress | None, done: int, new: int) -> None:
 
 @dataclass
 class DonorPicker:
-    """Deterministic choice of the clip whose audio another clip is given (DESIGN §9).
+    """Deterministic choice of the clip whose audio another clip is given (docs/design.md §9).
 
     labels [N] of the split, in split order. Each choice draws from a generator seeded by (seed, condition, the
     receiving clip's position), so it does not depend on batching, workers or which other clips are scored.
@@ -341,7 +341,7 @@ RowPredictor = Callable[[list[int], Tensor], Tensor]
 
 
 class _Reliance:
-    """The suite's inputs (donor audio, negatives) and meters, filled one batch at a time (DESIGN §9)."""
+    """The suite's inputs (donor audio, negatives) and meters, filled one batch at a time (docs/design.md §9)."""
 
     def __init__(self, table: SplitTable, silence: Tensor, noise: Tensor, has_other: bool, seed: int) -> None:
         self.donors = DonorPicker(table.labels, seed)
@@ -412,7 +412,7 @@ class _Reliance:
 def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test", device: torch.device | str = "cpu",
                    amp_dtype: torch.dtype | None = None, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
                    max_clips: int | None = None, progress: Progress | None = None) -> dict:
-    """Does the mask follow the sound? Scores the same frames under five kinds of audio (DESIGN §9).
+    """Does the mask follow the sound? Scores the same frames under five kinds of audio (docs/design.md §9).
 
     - "true": the clip's own audio against its masks (miou, f, f_avsbench over frames with masks);
     - "swap": clips with another visible object (other_label >= 0, shards with other masks) get the audio of

@@ -1,4 +1,4 @@
-"""Evaluation metrics with AVSBench semantics (DESIGN §8), as functions and as streaming meters.
+"""Evaluation metrics with AVSBench semantics (docs/design.md §8), as functions and as streaming meters.
 
 The meters keep O(1) state per split (sums and a 255-point curve), so evaluation never holds predictions or masks
 of a whole test set: feed them batch by batch, in clip order, and read ``compute()`` at the end.

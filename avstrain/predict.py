@@ -1,11 +1,11 @@
 """Predicted masks as files: write them in the AVSBench layout, and score any method's mask PNGs against ground truth.
 
-Written masks are 0/255 single-channel PNGs named like the ground truth, frame numbers 1..T (DESIGN §12):
+Written masks are 0/255 single-channel PNGs named like the ground truth, frame numbers 1..T (docs/design.md §12):
 `<out>/<split>/<category>/<clip>/<clip>_<k>.png` (S4 layout; clips without a class go to `<out>/<split>/<clip>/`).
 Scoring finds files by stem, recursively, under both roots, so it reads the S4 and MS3 layouts alike; the reference's
 own `save_mask` numbers frames from 0, which `index_base=0` accounts for.
 
-A localiser (senocak, avolnet; DESIGN §13) predicts heat maps, not masks: they are written in the same layout as
+A localiser (senocak, avolnet; docs/design.md §13) predicts heat maps, not masks: they are written in the same layout as
 8-bit grey PNGs, each frame's map upsampled to the frame and scaled from its minimum (0) to its maximum (255).
 """
 from __future__ import annotations

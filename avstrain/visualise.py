@@ -7,8 +7,8 @@ Overlay grid (`avstrain predict ... --overlays N`), one PNG per clip, T columns,
   another clip of the split whose class is that object's), silence — the predicted mask (red) over the frame with
   the object it should follow outlined, and the TPAVI audio-visual heat map over the frame.
 
-The heat map is the per-position score θ_i·φ_t of the finest TPAVI stage (`AVSOutput.av_scores`, DESIGN §6), or
-for the localisers (senocak, avolnet; DESIGN §13), which draw no mask, their own heat map (the row's label then
+The heat map is the per-position score θ_i·φ_t of the finest TPAVI stage (`AVSOutput.av_scores`, docs/design.md §6), or
+for the localisers (senocak, avolnet; docs/design.md §13), which draw no mask, their own heat map (the row's label then
 gives the pointing game: frames whose maximum lies in the object the audio should point to), upsampled bilinearly
 to the frame. Its colour scale is shared by all rows and frames of a clip (1st..99th
 percentile), so the rows compare: with the other object's audio the hot region should move to the other object.

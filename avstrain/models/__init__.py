@@ -2,7 +2,7 @@
 
 Each model family lives in its own file and registers a `ModelKind` (`@register_model(...)`); importing this
 package registers them all: `tpavi_avs` ("tpavi", the AVSBench TPAVI model, with its backbones, crop encoder and
-AVSBench checkpoint compatibility), and the sound-source localisation and correspondence models of DESIGN §13,
+AVSBench checkpoint compatibility), and the sound-source localisation and correspondence models of docs/design.md §13,
 `senocak` ("senocak"), `avenet` ("avenet") and `avolnet` ("avolnet"), on the trunk of `localiser_base`.
 """
 

@@ -1,4 +1,4 @@
-"""The TPAVI audio-visual segmentation model (AVSBench, Zhou et al. ECCV 2022), DESIGN §6, registered as
+"""The TPAVI audio-visual segmentation model (AVSBench, Zhou et al. ECCV 2022), docs/design.md §6, registered as
 ``model.kind = "tpavi"``.
 
 backbone (4 stages) -> four-dilation necks to C -> TPAVI at chosen stages -> fusion decoder from stride 32 up -> head.
@@ -166,7 +166,7 @@ class AVSModel(nn.Module):
         frames [B, T, 3, H, W] (uint8, or float in 0..1); audio [B, T, audio_dim] (required unless the model was
         built with ``audio=False``); crops [B, T, 3, h, w] of the annotated objects, only with a crop encoder.
         Crops go through the same forward so that DistributedDataParallel sees every parameter used.
-        frame_valid [B, T] bool (AVSS, DESIGN §14): 1 real, 0 padded; it multiplies the necks, the TPAVI outputs,
+        frame_valid [B, T] bool (AVSS, docs/design.md §14): 1 real, 0 padded; it multiplies the necks, the TPAVI outputs,
         the decoder outputs and the logits, where the reference multiplies its per-frame flag, so padded frames give
         zero logits. Padded frames skip the backbone (their maps are zeroed at the necks anyway).
         """
@@ -337,7 +337,7 @@ class TPAVIKind(ModelKind):
         return (*fields, "crops") if uses_crops(config) else fields
 
     def forward(self, network: nn.Module, batch: dict) -> AVSOutput:
-        # The per-frame flag is the AVSS model's (DESIGN §14); the binary S4/MS3 models run without it.
+        # The per-frame flag is the AVSS model's (docs/design.md §14); the binary S4/MS3 models run without it.
         semantic = _unwrap(network).config.mask_classes > 1
         return network(batch["frames"], batch["audio"], batch.get("crops"),
                        frame_valid=batch.get("frame_valid") if semantic else None)
