@@ -17,41 +17,33 @@ per-batch F-measure (`f_avsbench`, 4 clips per batch in split order) is rebuilt 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from avsprep.errors import InputError
-from avsprep.shards import read_negatives
-from avstrain.data import ShardDataset
+from avstrain.eval_data import (STREAM_NOISE, DonorPicker, Progress, SplitTable,
+                                batches, eval_dataset, load_negatives, model_uses_audio, read_split_table,
+                                report_progress, select_rows, text_table, visible_classes)
+from avstrain.localisation import format_localisation_table
 from avstrain.metrics import FPRMeter, SegmentationMeter
 from avstrain.runtime import autocast, eval_mode
+from avstrain.semantic_eval import evaluate_semantic, is_semantic, reliance_semantic
 
 log = logging.getLogger(__name__)
 
 # The reference's test loader scores batches of 4 clips; `f_avsbench` averages the F-measure of such batches.
 REFERENCE_CLIPS_PER_BATCH = 4
 NO_CLASS = "none"
-# Separate random streams per suite condition, so adding one condition does not change another's draws.
-_STREAM_SWAP, _STREAM_NOISE, _STREAM_OFFSCREEN = 1, 2, 3
 
-Progress = Callable[[int], None]  # called with the number of clips just scored
+
+
 
 
 # --------------------------------------------------------------------------------------------------------------
 # The model call
-
-
-def model_uses_audio(model: nn.Module) -> bool:
-    """False for the vision-only model (`config.audio == False`), which ignores its audio input."""
-    config = getattr(model, "config", None)
-    return bool(getattr(config, "audio", True))
 
 
 @torch.no_grad()
@@ -70,79 +62,6 @@ def predict_logits(model: nn.Module, batch: dict, device: torch.device | str,
     with autocast(device, amp_dtype):
         output = model(frames, audio.to(device, non_blocking=True))
     return output.logits.float().cpu()
-
-
-# --------------------------------------------------------------------------------------------------------------
-# The split: which clips, in which order
-
-
-@dataclass
-class SplitTable:
-    """Small per-clip facts of a split, in split order (shard order, as `ShardDataset(shuffle=False)` reads it).
-
-    names [N], labels [N] int64 (-1: no class), audio [N,T,128] float32 or None when not asked for.
-    """
-
-    names: list[str]
-    labels: np.ndarray
-    audio: np.ndarray | None
-
-    def __post_init__(self) -> None:
-        self.position = {name: i for i, name in enumerate(self.names)}
-        if len(self.position) != len(self.names):
-            raise InputError(None, "clip names are not unique within the split; cannot identify clips")
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-
-def read_split_table(dataset: ShardDataset, with_audio: bool = False) -> SplitTable:
-    """Names, labels (and audio) of every clip of the dataset's split, read from the shards' small datasets only
-    (one read per shard file; frames and masks are not touched)."""
-    rows_per_file: dict[str, list[int]] = {}
-    for file, row in dataset.index:
-        rows_per_file.setdefault(file, []).append(row)
-    names, labels, audio = [], [], []
-    for file, rows in rows_per_file.items():  # dict order = first appearance = split order
-        with h5py.File(dataset.shards_dir / file, "r") as handle:
-            # Rows come from np.flatnonzero, so they increase, as h5py's list indexing requires.
-            names.extend(handle["name"].asstr()[rows].tolist())
-            labels.append(handle["label"][rows].astype(np.int64))
-            if with_audio:
-                audio.append(handle["audio"][rows].astype(np.float32))
-    return SplitTable(names=names, labels=np.concatenate(labels),
-                      audio=np.concatenate(audio) if with_audio else None)
-
-
-def _batches(dataset: ShardDataset, table: SplitTable, batch_size: int, num_workers: int, max_clips: int | None,
-             pin_memory: bool) -> Iterator[tuple[dict, list[int]]]:
-    """DataLoader batches with each clip's split position, limited to the first `max_clips` clips of the split
-    (in split order, whatever the worker interleaving), stopping as soon as all of those have been seen."""
-    limit = len(table) if max_clips is None else min(max_clips, len(table))
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory)
-    seen = 0
-    for batch in loader:
-        positions = [table.position[name] for name in batch["name"]]
-        keep = [i for i, p in enumerate(positions) if p < limit]
-        if len(keep) < len(positions):
-            batch = _select(batch, keep)
-            positions = [positions[i] for i in keep]
-        if positions:
-            yield batch, positions
-        seen += len(positions)
-        if seen >= limit:
-            break
-
-
-def _select(batch: dict, rows: list[int]) -> dict:
-    """The given rows of a collated batch (tensors and the list of names)."""
-    index = torch.as_tensor(rows, dtype=torch.long)
-    return {key: [value[i] for i in rows] if isinstance(value, list) else value[index] for key, value in batch.items()}
-
-
-def _eval_dataset(shards_dir: str | Path, split: str) -> ShardDataset:
-    # rank 0 of 1 explicitly: under torch.distributed every rank evaluates the whole split, not a share of it.
-    return ShardDataset(shards_dir, split=split, shuffle=False, rank=0, world_size=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,26 +159,25 @@ def evaluate(model: nn.Module, shards_dir: str | Path, split: str = "test", devi
     "per_class": {name: {"miou", "f", "clips"}}} (name "none" for clips without a class).
     A semantic model (`model.mask_classes` > 1) is scored by the official AVSS metric (`evaluate_semantic`).
     """
-    from avstrain.semantic_eval import evaluate_semantic, is_semantic  # it reads this module's helpers
 
     if is_semantic(model):
         return evaluate_semantic(model, shards_dir, split, device, amp_dtype, batch_size, num_workers, max_clips,
                                  progress)
     device = torch.device(device)
-    dataset = _eval_dataset(shards_dir, split)
+    dataset = eval_dataset(shards_dir, split)
     table = read_split_table(dataset)
     overall = _Scores()
     per_class: dict[str, _Scores] = {}
     model.to(device)
     with eval_mode(model):
-        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+        for batch, positions in batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
             logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
             for i, position in enumerate(positions):
                 clip = (position, logits[i], batch["masks"][i], batch["mask_valid"][i])
                 overall.add(*clip)
                 name = _class_name(dataset.classes, int(batch["label"][i]))
                 per_class.setdefault(name, _Scores(reference_batches=False)).add(*clip)
-            _report(progress, overall.clips, len(positions))
+            report_progress(progress, overall.clips, len(positions))
     log.info("evaluated %d clips (%d frames) of split %r", overall.clips, overall.frames, split)
     order = {name: i for i, name in enumerate([*dataset.classes, NO_CLASS])}
     return {
@@ -270,64 +188,8 @@ def evaluate(model: nn.Module, shards_dir: str | Path, split: str = "test", devi
     }
 
 
-def _report(progress: Progress | None, done: int, new: int) -> None:
-    if progress is not None:
-        progress(new)
-    elif done % 100 < new:  # about every 100 clips
-        log.info("%d clips scored", done)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # The audio-reliance suite
-
-
-@dataclass
-class DonorPicker:
-    """Deterministic choice of the clip whose audio another clip is given (docs/design.md §9).
-
-    labels [N] of the split, in split order. Each choice draws from a generator seeded by (seed, condition, the
-    receiving clip's position), so it does not depend on batching, workers or which other clips are scored.
-    """
-
-    labels: np.ndarray
-    seed: int = 0
-
-    def swap(self, position: int, other_label: int) -> int | None:
-        """Another clip whose primary label is `other_label` (the visible, silent object's class); None if none."""
-        if other_label < 0:
-            return None
-        candidates = np.flatnonzero(self.labels == other_label)
-        return self._pick(candidates[candidates != position], _STREAM_SWAP, position)
-
-    def offscreen(self, position: int, visible: set[int]) -> int | None:
-        """Another clip whose primary label is a class not `visible` in this one; None if there is none."""
-        off = (self.labels >= 0) & ~np.isin(self.labels, sorted(visible))
-        candidates = np.flatnonzero(off)
-        return self._pick(candidates[candidates != position], _STREAM_OFFSCREEN, position)
-
-    def _pick(self, candidates: np.ndarray, stream: int, position: int) -> int | None:
-        if not len(candidates):
-            return None
-        rng = np.random.default_rng([self.seed, stream, position])
-        return int(candidates[rng.integers(len(candidates))])
-
-
-def visible_classes(label: int, other_label: int, sounding: Tensor) -> set[int]:
-    """Classes in view of a clip: its sounding classes ([C] bool), its primary label and the other object's."""
-    visible = set(torch.nonzero(sounding).flatten().tolist())
-    visible.update(c for c in (label, other_label) if c >= 0)
-    return visible
-
-
-def _load_negatives(shards_dir: str | Path, frames_per_clip: int) -> tuple[Tensor, Tensor]:
-    """Silence [1,T,128] and noise [M,T,128] embeddings made with the dataset's embedder."""
-    negatives = read_negatives(Path(shards_dir))
-    silence, noise = (torch.from_numpy(negatives[key]).float() for key in ("silence", "noise"))
-    for key, value in (("silence", silence), ("noise", noise)):
-        if value.ndim != 3 or value.shape[1] != frames_per_clip or not len(value):
-            raise InputError(Path(shards_dir) / "negatives.h5",
-                             f"{key} embeddings have shape {tuple(value.shape)}, expected [M,{frames_per_clip},D]")
-    return silence, noise
 
 
 def _with_donors(donors: list[int | None]) -> tuple[list[int], list[int], list[int]]:
@@ -361,7 +223,7 @@ class _Reliance:
             self._add_swap(batch, positions, predict)
         B, every = len(positions), list(range(len(positions)))
         self.fprs["silence"].update(predict(every, self.silence.expand(B, -1, -1)))
-        picks = [int(np.random.default_rng([self.seed, _STREAM_NOISE, p]).integers(len(self.noise)))
+        picks = [int(np.random.default_rng([self.seed, STREAM_NOISE, p]).integers(len(self.noise)))
                  for p in positions]
         self.fprs["noise"].update(predict(every, self.noise[picks]))
         self.clips["silence"] += B
@@ -429,20 +291,19 @@ def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test"
     "offscreen": {"fpr", "clips", "skipped"}}; a condition that scored no clip is {"clips": 0, "note": why}.
     A semantic model is scored per class (`reliance_semantic`).
     """
-    from avstrain.semantic_eval import is_semantic, reliance_semantic  # it reads this module's helpers
 
     if is_semantic(model):
         return reliance_semantic(model, shards_dir, split, device, amp_dtype, batch_size, num_workers, seed,
                                  max_clips, progress)
     device = torch.device(device)
-    dataset = _eval_dataset(shards_dir, split)
+    dataset = eval_dataset(shards_dir, split)
     table = read_split_table(dataset, with_audio=True)
-    silence, noise = _load_negatives(shards_dir, dataset.manifest["frames_per_clip"])
+    silence, noise = load_negatives(shards_dir, dataset.manifest["frames_per_clip"])
     suite = _Reliance(table, silence, noise, bool(dataset.manifest.get("has_other_masks")), seed)
     uses_audio = model_uses_audio(model)
     model.to(device)
     with eval_mode(model):
-        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+        for batch, positions in batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
             true_logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
 
             def predict(rows: list[int], audio: Tensor) -> Tensor:
@@ -450,10 +311,10 @@ def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test"
                 own. A model that ignores audio predicts the same with any audio: its true-audio logits serve."""
                 if not uses_audio:
                     return true_logits[rows]
-                return predict_logits(model, _select(batch, rows), device, amp_dtype, audio=audio)
+                return predict_logits(model, select_rows(batch, rows), device, amp_dtype, audio=audio)
 
             suite.add(batch, positions, true_logits, predict)
-            _report(progress, suite.true.clips, len(positions))
+            report_progress(progress, suite.true.clips, len(positions))
     log.info("reliance suite on %d clips of split %r (swap %d, skipped %d; off-screen %d, skipped %d)",
              suite.true.clips, split, suite.swap.clips, suite.skipped["swap"], suite.clips["offscreen"],
              suite.skipped["offscreen"])
@@ -464,24 +325,9 @@ def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test"
 # Table
 
 
-def _cell(value: object) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return "-" if value is None else str(value)
-
-
-def _table(header: list[str], rows: list[list[object]], names: int = 1) -> list[str]:
-    """Aligned text rows: the first `names` columns left-aligned, the numbers right-aligned."""
-    cells = [header] + [[_cell(v) for v in row] for row in rows]
-    widths = [max(len(row[c]) for row in cells) for c in range(len(header))]
-    return ["  ".join(cell.ljust(w) if c < names else cell.rjust(w) for c, (cell, w) in enumerate(zip(row, widths)))
-            .rstrip() for row in cells]
-
-
 def format_table(results: dict) -> str:
     """A plain-text table of an `evaluate`, a `reliance_suite` or a `localisation_suite` result."""
     if "kind" in results:
-        from avstrain.localisation import format_localisation_table  # it builds on this module
 
         return format_localisation_table(results)
     split = results.get("split", "?")
@@ -490,7 +336,7 @@ def format_table(results: dict) -> str:
         rows = [["overall", overall.get("miou"), overall.get("f"), overall.get("f_avsbench"), overall.get("clips")]]
         rows += [[name, scores.get("miou"), scores.get("f"), None, scores.get("clips")]
                  for name, scores in results.get("per_class", {}).items()]
-        lines = [f"split {split}"] + _table(["class", "miou", "f", "f_avsbench", "clips"], rows)
+        lines = [f"split {split}"] + text_table(["class", "miou", "f", "f_avsbench", "clips"], rows)
         return "\n".join(lines)
     if "true" in results:
         rows = []
@@ -505,7 +351,7 @@ def format_table(results: dict) -> str:
             if "note" in entry:
                 notes.append(f"{condition}: {entry['note']}")
         lines = [f"audio-reliance suite, split {split}"]
-        lines += _table(["audio", "metric", "value", "clips", "skipped"], rows, names=2)
+        lines += text_table(["audio", "metric", "value", "clips", "skipped"], rows, names=2)
         lines += [f"note: {note}" for note in notes]
         return "\n".join(lines)
     raise ValueError("not an evaluate or reliance_suite result: expected an 'overall' or a 'true' key")

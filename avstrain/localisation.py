@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avsprep.errors import InputError
-from avstrain.evaluate import (DonorPicker, Progress, SplitTable, _batches, _eval_dataset, _report, _table,
-                               read_split_table, visible_classes)
+from avstrain.eval_data import (DonorPicker, Progress, SplitTable, batches, eval_dataset, report_progress, text_table,
+                                read_split_table, visible_classes)
 from avstrain.localisation_losses import ground_truth_maps
 from avstrain.metrics import localisation_scores, ndcg, pixel_average_precision, pointing_hits
 from avstrain.models.tpavi_avs import AVSModel
@@ -253,11 +253,11 @@ def choose_av_sign(model: AVSModel, shards_dir: str | Path, split: str = "val", 
                    max_clips: int | None = None) -> int:
     """The sign of TPAVI's `av_scores` that points better on `split` with the clips' own audio: +1 or -1 (ties +1)."""
     device = torch.device(device)
-    dataset = _eval_dataset(shards_dir, split)
+    dataset = eval_dataset(shards_dir, split)
     table = read_split_table(dataset)
     hits = {1: [], -1: []}
     with eval_mode(model), torch.no_grad():
-        for batch, _ in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+        for batch, _ in batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
             with autocast(device, amp_dtype):
                 maps = tpavi_heatmaps(model, _model_frames(batch, device, model), batch["audio"].to(device))
             if "tpavi_av" not in maps:
@@ -292,13 +292,13 @@ def localisation_suite(model: nn.Module, shards_dir: str | Path, split: str = "t
     if isinstance(model, AVSModel):
         sign = av_sign if av_sign is not None else _sign_or_default(model, shards_dir, sign_split, device, amp_dtype,
                                                                   batch_size, num_workers)
-    dataset = _eval_dataset(shards_dir, split)
+    dataset = eval_dataset(shards_dir, split)
     table = read_split_table(dataset, with_audio=True)
     suite = _Localisation(table, probe_for(model, sign or 1), device, amp_dtype, seed)
     with eval_mode(model), torch.no_grad():
-        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+        for batch, positions in batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
             suite.add(batch, positions, _model_frames(batch, device, model))
-            _report(progress, suite.clips, len(positions))
+            report_progress(progress, suite.clips, len(positions))
     result = {"kind": kind, "split": split, "clips": suite.clips, **suite.result()}
     if sign is not None and "tpavi_av" in result.get("maps", {}):
         result["maps"]["tpavi_av"].update(sign=sign, sign_split=sign_split if av_sign is None else "given")
@@ -323,18 +323,18 @@ def format_localisation_table(result: dict) -> str:
         rows.append([name, true.get("pointing"), swap.get("pointing_other"), true.get("ap"), true.get("ciou"),
                      true.get("auc"), true.get("mean_ciou"), scores.get("sign", "")])
     if rows:
-        lines += _table(["heat map", "pointing", "swap pointing_other", "ap", "ciou", "auc", "mean_ciou", "sign"],
+        lines += text_table(["heat map", "pointing", "swap pointing_other", "ap", "ciou", "auc", "mean_ciou", "sign"],
                         rows)
     if "avc" in result:
         avc = result["avc"]
-        lines += _table(["avc", "accuracy", "hard", "pairs"],
+        lines += text_table(["avc", "accuracy", "hard", "pairs"],
                         [["", avc.get("accuracy"), avc.get("hard"), avc.get("pairs")]])
     if "retrieval" in result:
         retrieval = result["retrieval"]
         keys = ("im2aud", "aud2im", "im2im", "aud2aud")
         rows = [[label, *(source.get(k) for k in keys)] for label, source in
                 (("crops", retrieval), ("frames", retrieval["frame"]), ("chance", retrieval["chance"]))]
-        lines += _table([f"nDCG@{retrieval['k']} ({retrieval['items']} items)", *keys], rows)
+        lines += text_table([f"nDCG@{retrieval['k']} ({retrieval['items']} items)", *keys], rows)
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import LossConfig
+from .eval_data import visible_classes
 from .losses import LossOutput
 
 NO_NEGATIVE = -1
@@ -34,7 +35,6 @@ def pick_negatives(label: Tensor, other_label: Tensor | None, sounding: Tensor) 
     the batch qualifies. Deterministic: the first qualifying clip after it in batch order, cyclically (the batch
     order is already shuffled), so a resumed run draws exactly what an uninterrupted one does.
     """
-    from avstrain.evaluate import visible_classes  # evaluate -> runtime -> checkpoint -> models -> this module
 
     labels = label.tolist()
     others = other_label.tolist() if other_label is not None else [-1] * len(labels)

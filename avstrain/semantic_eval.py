@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from avstrain.eval_data import (DonorPicker, batches, eval_dataset, load_negatives, read_split_table, report_progress,
+                                select_rows)
 from avstrain.metrics import SemanticMeter
 from avstrain.runtime import autocast, eval_mode
 
@@ -78,10 +80,9 @@ def evaluate_semantic(model: nn.Module, shards_dir: str | Path, split: str = "te
                       max_clips: int | None = None, progress=None) -> dict:
     """`evaluate` for a semantic model: {"split", "overall": {"miou", "f", "miou_real_frames", "f_real_frames",
     "clips", "frames"}, "per_class": {name: {"miou", "f", "frames"}}} (background first)."""
-    from avstrain.evaluate import _batches, _eval_dataset, _report, read_split_table  # evaluate dispatches here
 
     device = torch.device(device)
-    dataset = _eval_dataset(shards_dir, split)
+    dataset = eval_dataset(shards_dir, split)
     table = read_split_table(dataset)
     k = model.config.mask_classes
     names = [BACKGROUND, *dataset.classes]
@@ -91,12 +92,12 @@ def evaluate_semantic(model: nn.Module, shards_dir: str | Path, split: str = "te
     scores = SemanticScores(k)
     model.to(device)
     with eval_mode(model):
-        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+        for batch, positions in batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
             logits = semantic_logits(model, batch, device, amp_dtype)
             scored, real = scored_frames(batch)
             for i in range(len(positions)):
                 scores.add(logits[i], batch["masks"][i].long(), scored[i], real[i])
-            _report(progress, scores.clips, len(positions))
+            report_progress(progress, scores.clips, len(positions))
     log.info("evaluated %d clips (%d frames) of split %r, %d classes", scores.clips, scores.frames, split, k)
     return {"split": split, "overall": scores.overall(), "per_class": scores.per_class(names)}
 
@@ -114,12 +115,11 @@ def reliance_semantic(model: nn.Module, shards_dir: str | Path, split: str = "te
     "swap": the audio of a clip whose class is the visible silent object's, scored against that object's mask as
     its class (miou_other: the official mean over all K; miou_other_present: over the classes that occur);
     "silence" / "noise": FPR = the share of real-frame pixels predicted as any class but background."""
-    from avstrain.evaluate import DonorPicker, _batches, _eval_dataset, _load_negatives, _report, read_split_table
 
     device = torch.device(device)
-    dataset = _eval_dataset(shards_dir, split)
+    dataset = eval_dataset(shards_dir, split)
     table = read_split_table(dataset, with_audio=True)
-    silence, noise = _load_negatives(shards_dir, dataset.manifest["frames_per_clip"])
+    silence, noise = load_negatives(shards_dir, dataset.manifest["frames_per_clip"])
     donors, donor_audio = DonorPicker(table.labels, seed), torch.from_numpy(table.audio)
     k = model.config.mask_classes
     true, swap = SemanticScores(k), SemanticScores(k)
@@ -127,7 +127,7 @@ def reliance_semantic(model: nn.Module, shards_dir: str | Path, split: str = "te
     has_other = bool(dataset.manifest.get("has_other_masks"))
     model.to(device)
     with eval_mode(model):
-        for batch, positions in _batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+        for batch, positions in batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
             scored, real = scored_frames(batch)
             flag = batch["frame_valid"].float()[..., None]  # [B,T,1]: padded seconds keep zero audio
             logits = semantic_logits(model, batch, device, amp_dtype)
@@ -140,7 +140,7 @@ def reliance_semantic(model: nn.Module, shards_dir: str | Path, split: str = "te
                 fpr[name][1] += total
             if has_other:
                 _add_swap(model, batch, positions, donors, donor_audio, swap, device, amp_dtype)
-            _report(progress, true.clips, len(positions))
+            report_progress(progress, true.clips, len(positions))
     iou, _ = swap.all.per_class()
     present = swap.all.count > 0
     return {"split": split, "true": true.overall(),
@@ -153,13 +153,12 @@ def reliance_semantic(model: nn.Module, shards_dir: str | Path, split: str = "te
 def _add_swap(model, batch, positions, donors, donor_audio, swap: SemanticScores, device, amp_dtype) -> None:
     """Clips with a visible silent object get a donor clip's audio of that object's class; the target is that
     object's mask as its class (other_masks × (other_label + 1))."""
-    from avstrain.evaluate import _select
 
     picks = [(i, donors.swap(p, int(batch["other_label"][i]))) for i, p in enumerate(positions)]
     rows = [i for i, donor in picks if donor is not None]
     if not rows:
         return
-    sub = _select(batch, rows)
+    sub = select_rows(batch, rows)
     audio = donor_audio[[donor for _, donor in picks if donor is not None]] * sub["frame_valid"].float()[..., None]
     logits = semantic_logits(model, sub, device, amp_dtype, audio)
     target = sub["other_masks"].long() * (sub["other_label"].long() + 1)[:, None, None, None]

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from avsprep.errors import InputError
 from avsprep.shards import read_negatives
 from avstrain.data import ShardDataset
-from avstrain.evaluate import DonorPicker, model_uses_audio, read_split_table
+from avstrain.eval_data import DonorPicker, model_uses_audio, read_split_table
 from avstrain.runtime import autocast, eval_mode
 
 log = logging.getLogger(__name__)

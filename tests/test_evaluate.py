@@ -15,8 +15,8 @@ import avstrain.evaluate as evaluation
 from avsprep.cli import main as avsprep_main
 from avstrain.config import ModelConfig
 from avstrain.data import ShardDataset
-from avstrain.evaluate import (DonorPicker, evaluate, format_table, read_split_table, reliance_suite,
-                               visible_classes)
+from avstrain.eval_data import DonorPicker, read_split_table, visible_classes
+from avstrain.evaluate import evaluate, format_table, reliance_suite
 from avstrain.metrics import f_measure, f_measure_avsbench, mask_iou
 from avstrain.models import build_model
 from helpers import crops_args, make_dataset, synth_shards
