@@ -12,6 +12,7 @@ else is ever unpickled). Its keys, all defined here:
 | `mask_classes` | classes of the mask head as the shards sized it (1: binary; absent in older checkpoints) |
 | `embedder`, `frames_per_clip` | the shards' audio embedder and T: `predict --video` embeds a user's audio alike |
 | `epoch`, `step`, `batch_in_epoch`, `best_miou` | where the run stood (`RunState`; 0, 0, 0, -1 when converted) |
+| `heard_epoch` | the epoch after which validation found the model hearing (`train.negatives_start = "hears"`; -1: not yet) |
 | `optimizer`, `rng` | training checkpoints only: what `--resume` restores besides the model |
 | `converted_from` | checkpoints converted from a released AVSBench file only |
 
@@ -49,6 +50,9 @@ class RunState:
     step: int = 0
     batch_in_epoch: int = 0  # the data position: batches of this epoch already trained on
     best_metric: float = -1.0  # best validation value of the model kind's metric (tpavi: mIoU)
+    # The epoch count at the validation that first found the model hearing (-1: not yet); with
+    # train.negatives_start = "hears", negative audio starts with the next epoch.
+    heard_epoch: int = -1
     # Draws of negative audio; seeded per rank by the trainer, so that ranks draw differently.
     negatives: torch.Generator = field(default_factory=torch.Generator)
 
@@ -66,6 +70,7 @@ def make_checkpoint(model: nn.Module, config: Config, classes: list[str], *, run
         # The head as the shards sized it (`model.mask_classes = 0` in the config means: from the shards).
         "mask_classes": int(getattr(getattr(getattr(model, "module", model), "config", None), "mask_classes", 1)),
         "epoch": run.epoch, "step": run.step, "batch_in_epoch": run.batch_in_epoch, "best_miou": run.best_metric,
+        "heard_epoch": run.heard_epoch,
     }
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
@@ -128,6 +133,7 @@ def restore(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, run
     optimizer.load_state_dict(state["optimizer"])
     run.epoch, run.step, run.batch_in_epoch = state["epoch"], state["step"], state["batch_in_epoch"]
     run.best_metric = state["best_miou"]
+    run.heard_epoch = int(state.get("heard_epoch", -1))  # absent in checkpoints written before the option
     rank_rngs = state.get("rank_rngs") or [state["rng"]]
     rank = _rank()
     if rank >= len(rank_rngs):

@@ -21,7 +21,10 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "pvt_v2_b0", "pvt_v2_b1", "pvt_
 CROP_MODES = ("off", "separate", "shared")
 AVM_VARIANTS = ("kl", "cosine", "kl_semantic")
 # The weighted parts of the loss; a model kind (`avstrain.models.registry`) says which it trains with.
-LOSS_WEIGHTS = ("bce", "ce", "avm", "crop_cls", "crop_temporal", "crop_audio", "senocak_unsup", "senocak_sup", "avc")
+LOSS_WEIGHTS = ("bce", "ce", "dice", "av", "avm", "crop_cls", "crop_temporal", "crop_audio", "senocak_unsup",
+                "senocak_sup", "avc")
+# When negative audio may start (`train.negatives_start`).
+NEGATIVES_STARTS = ("epoch", "hears")
 
 
 @dataclass
@@ -61,6 +64,13 @@ class ModelConfig:
     feature_stage: int = 1
     freeze_backbone: bool = False
     embed_dim: int = 128
+    # Training TPAVI from scratch (docs/design.md §17; not in the AVSBench recipes). The initial weight of TPAVI's
+    # output BatchNorm: 0 (the reference) makes a fresh block the identity, and its θ, φ, g and audio projection get
+    # no gradient until that weight has moved; 1 lets the interaction train from the first step.
+    tpavi_bn_init: float = 0.0
+    # Standardise the audio embeddings per dimension with the training split's mean and std (the trainer measures
+    # them; they travel in the state dict) before the model uses them. False: the raw embeddings (the reference).
+    audio_norm: bool = False
 
     def __post_init__(self) -> None:
         self.tpavi_stages = tuple(int(s) for s in self.tpavi_stages)
@@ -121,6 +131,13 @@ class LossConfig:
     supervised_seed: int = 0
     # Audio-visual correspondence (AVE-Net, AVOL-Net).
     avc: float = 0.0
+    # Training TPAVI from scratch (docs/design.md §17; not in the AVSBench recipes): a soft Dice term on the mask,
+    # per supervised frame, and a BCE of TPAVI's localisation scores θ_i·φ_t at stage `av_stage` against the mask
+    # pooled to that stage (a direct audio-visual signal); `pos_weight` weights the positive pixels of the mask BCE.
+    dice: float = 0.0
+    av: float = 0.0
+    av_stage: int = 0
+    pos_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.avm_stages = tuple(int(s) for s in self.avm_stages)
@@ -133,6 +150,10 @@ class LossConfig:
             raise ValueError("loss.avm > 0 needs at least one stage in loss.avm_stages")
         if not 0 <= self.supervised_fraction <= 1:
             raise ValueError(f"loss.supervised_fraction is a fraction in [0, 1], got {self.supervised_fraction}")
+        if self.av_stage not in (0, 1, 2, 3):
+            raise ValueError(f"loss.av_stage must be a stage in 0..3, got {self.av_stage}")
+        if self.pos_weight <= 0:
+            raise ValueError(f"loss.pos_weight must be > 0, got {self.pos_weight}")
 
 
 @dataclass
@@ -169,6 +190,12 @@ class TrainConfig:
     negative_kinds: tuple[str, ...] = ("silence", "noise", "offscreen")
     # Start negatives at this epoch: from scratch, the model first has to learn to find the sounding object at all.
     negatives_from_epoch: int = 0
+    # "epoch": negatives from `negatives_from_epoch` on. "hears": besides, only after a validation has found that the
+    # model hears (val mIoU with the clip's own audio at least `hears_margin` above that with the other visible
+    # object's audio, both against the clip's mask; `evaluate.hearing`). Negatives drawn on a deaf model only teach
+    # it to predict nothing (docs/design.md §17). The epoch it heard is part of the checkpoint.
+    negatives_start: str = "epoch"
+    hears_margin: float = 0.1
     amp: str = "auto"  # "auto"/"bf16": bf16 autocast on CUDA and on CPUs with native bf16, else fp32; "fp32"
     channels_last: bool = True
     checkpoint_every: int = 0  # also save step-<n>.pt every n steps; 0: only last.pt and best.pt
@@ -184,6 +211,8 @@ class TrainConfig:
             raise ValueError(f"train.amp must be auto, bf16 or fp32, got {self.amp!r}")
         if not 0 <= self.negatives <= 1:
             raise ValueError(f"train.negatives is a probability, got {self.negatives}")
+        if self.negatives_start not in NEGATIVES_STARTS:
+            raise ValueError(f"train.negatives_start must be one of {NEGATIVES_STARTS}, got {self.negatives_start!r}")
 
 
 @dataclass
@@ -191,6 +220,8 @@ class EvalConfig:
     batch_size: int = 4  # the reference tests with batches of 4 clips (f_avsbench depends on it)
     every: int = 1  # validate every n epochs
     max_clips: int = 0  # validate on at most this many clips; 0: the whole split
+    # Also log at each validation whether the model hears (`evaluate.hearing`); "hears" schedules log it anyway.
+    hearing: bool = False
 
 
 @dataclass

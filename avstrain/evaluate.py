@@ -322,6 +322,77 @@ def reliance_suite(model: nn.Module, shards_dir: str | Path, split: str = "test"
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Does it hear yet? (the trainer's check for train.negatives_start = "hears", docs/design.md §17)
+
+
+class _Hearing:
+    """mIoU against the clip's own mask with its own audio and with the other visible object's audio, and the mean
+    probability inside the sounding and the silent object; filled one clip at a time."""
+
+    def __init__(self) -> None:
+        self.true, self.swapped = SegmentationMeter(), SegmentationMeter()
+        self.sums = {"p_target": 0.0, "p_other": 0.0, "p_other_swap": 0.0}
+        self.pixels = {name: 0 for name in self.sums}
+        self.clips = 0
+
+    def add(self, own: Tensor, swapped: Tensor, target: Tensor, silent: Tensor) -> None:
+        """Logits [F,S,S] with the own and with the swapped audio, masks [F,S,S] of the sounding and the silent
+        object, over the F frames that have masks."""
+        self.true.update(own, target)
+        self.swapped.update(swapped, target)
+        for name, logits, where in (("p_target", own, target), ("p_other", own, silent),
+                                    ("p_other_swap", swapped, silent)):
+            inside = where > 0
+            self.sums[name] += float(torch.sigmoid(logits.float())[inside].sum())
+            self.pixels[name] += int(inside.sum())
+        self.clips += 1
+
+    def result(self) -> dict:
+        true, swapped = self.true.compute()["miou"], self.swapped.compute()["miou"]
+        means = {name: self.sums[name] / self.pixels[name] if self.pixels[name] else 0.0 for name in self.sums}
+        return {"miou_true": true, "miou_swap": swapped, "gap": true - swapped, **means, "clips": self.clips}
+
+
+@torch.no_grad()
+def hearing(model: nn.Module, shards_dir: str | Path, split: str = "val", device: torch.device | str = "cpu",
+            amp_dtype: torch.dtype | None = None, batch_size: int = 4, num_workers: int = 0, seed: int = 0,
+            max_clips: int | None = None) -> dict:
+    """Does the model hear? The same frames with their own audio and with the audio of the other visible object's
+    class (the reliance suite's swap donor), both scored against the clip's own mask.
+
+    A model that ignores the sound scores the same under both; one that follows it loses its target when the audio
+    names the other object. Over the clips with another visible object and a donor: "miou_true", "miou_swap",
+    "gap" = miou_true − miou_swap, the mean sigmoid probability inside the sounding object ("p_target") and inside
+    the silent one ("p_other") with the true audio, and inside the silent one given its class's audio
+    ("p_other_swap"); "clips" scored. Shards without other-object masks score no clip (every figure 0).
+    """
+    device = torch.device(device)
+    dataset = eval_dataset(shards_dir, split)
+    scores = _Hearing()
+    if not dataset.manifest.get("has_other_masks"):
+        return scores.result()
+    table = read_split_table(dataset, with_audio=True)
+    donors, donor_audio = DonorPicker(table.labels, seed), torch.from_numpy(table.audio)  # [N,T,128]
+    model.to(device)
+    with eval_mode(model):
+        for batch, positions in batches(dataset, table, batch_size, num_workers, max_clips, device.type == "cuda"):
+            rows, sources, _ = _with_donors([donors.swap(p, int(batch["other_label"][i]))
+                                             for i, p in enumerate(positions)])
+            if not rows:
+                continue
+            sub = select_rows(batch, rows)
+            own = predict_logits(model, sub, device, amp_dtype)  # [R,T,1,S,S]
+            swapped = predict_logits(model, sub, device, amp_dtype, audio=donor_audio[sources])
+            for k in range(len(rows)):
+                valid = sub["mask_valid"][k]  # [T]
+                if valid.any():
+                    shape = sub["masks"][k].shape  # [T,S,S]
+                    scores.add(own[k].reshape(shape)[valid], swapped[k].reshape(shape)[valid],
+                               sub["masks"][k][valid], sub["other_masks"][k][valid])
+    return scores.result()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Table
 
 
@@ -357,5 +428,5 @@ def format_table(results: dict) -> str:
     raise ValueError("not an evaluate or reliance_suite result: expected an 'overall' or a 'true' key")
 
 
-__all__ = ["DonorPicker", "SplitTable", "evaluate", "format_table", "model_uses_audio", "predict_logits",
+__all__ = ["DonorPicker", "SplitTable", "evaluate", "format_table", "hearing", "model_uses_audio", "predict_logits",
            "read_split_table", "reliance_suite", "visible_classes"]

@@ -1,4 +1,5 @@
-"""Training losses (docs/design.md §7): mask BCE, AVSBench's audio–visual matching (AVM-AV) and the seed's crop losses.
+"""Training losses (docs/design.md §7, §17): mask BCE, soft Dice, TPAVI's localisation scores, AVSBench's
+audio–visual matching (AVM-AV), the AVSS cross-entropy and the seed's crop losses.
 
 ``compute_loss`` combines them with the weights of a ``LossConfig`` (weight 0 = not computed) and returns the
 total plus the unweighted parts for logging. Each part is also a public function for use on its own.
@@ -22,7 +23,7 @@ if TYPE_CHECKING:  # the model's file imports this one
 @dataclass
 class LossOutput:
     total: Tensor  # scalar, Σ weight·part, carries the graph
-    parts: dict[str, Tensor]  # unweighted, detached scalars keyed bce / avm / crop_cls / crop_temporal / crop_audio
+    parts: dict[str, Tensor]  # unweighted, detached scalars keyed bce / ce / dice / av / avm / crop_*
 
 
 def _zero(like: Tensor) -> Tensor:
@@ -30,21 +31,64 @@ def _zero(like: Tensor) -> Tensor:
     return like.sum() * 0.0
 
 
-def mask_bce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = None) -> Tensor:
+def mask_bce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = None,
+                  pos_weight: float = 1.0) -> Tensor:
     """Binary cross-entropy of sigmoid(logits) against the masks, averaged over the pixels of the frames that have a
     mask (S4: frame 1; MS3 and the synthetic data: all frames).
 
     logits [B, T, 1, H, W] or [B, T, H, W]; masks [B, T, H, W] in {0, 1}; mask_valid [B, T] bool (None = all).
     Computed with logits (the stable form of BCE on sigmoid): the reference S4 script feeds sigmoid outputs to
-    ``BCEWithLogitsLoss``, a double sigmoid that we do not copy.
+    ``BCEWithLogitsLoss``, a double sigmoid that we do not copy. ``pos_weight`` multiplies the loss of the positive
+    pixels (1: plain BCE, the reference).
     """
     logits = logits.reshape(masks.shape)
-    if mask_valid is None:
-        return F.binary_cross_entropy_with_logits(logits, masks.to(logits.dtype))
-    mask_valid = mask_valid.bool()
-    if not mask_valid.any():
-        return _zero(logits)
-    return F.binary_cross_entropy_with_logits(logits[mask_valid], masks[mask_valid].to(logits.dtype))
+    weight = None if pos_weight == 1.0 else torch.tensor(pos_weight, dtype=logits.dtype, device=logits.device)
+    if mask_valid is not None:
+        mask_valid = mask_valid.bool()
+        if not mask_valid.any():
+            return _zero(logits)
+        logits, masks = logits[mask_valid], masks[mask_valid]
+    return F.binary_cross_entropy_with_logits(logits, masks.to(logits.dtype), pos_weight=weight)
+
+
+def dice_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = None, smooth: float = 1.0) -> Tensor:
+    """Soft Dice loss per supervised frame, 1 − (2 Σ p·m + s) / (Σ p + Σ m + s) with p = sigmoid(logits), averaged
+    over the frames that have a mask. An empty mask (negative audio) gives 1 − s / (Σ p + s): it asks for nothing.
+
+    logits [B, T, 1, H, W] or [B, T, H, W]; masks [B, T, H, W] in {0, 1}; mask_valid [B, T] bool (None = all).
+    In float32 (sums over a frame's pixels). Not in the AVSBench recipes (docs/design.md §17).
+    """
+    logits = logits.reshape(masks.shape)
+    if mask_valid is not None:
+        mask_valid = mask_valid.bool()
+        if not mask_valid.any():
+            return _zero(logits)
+        logits, masks = logits[mask_valid], masks[mask_valid]  # [N, H, W]
+    prob = torch.sigmoid(logits.float()).flatten(-2)  # [N, H·W]
+    target = masks.float().flatten(-2)
+    dice = (2 * (prob * target).sum(-1) + smooth) / (prob.sum(-1) + target.sum(-1) + smooth)
+    return (1.0 - dice).mean()
+
+
+def av_score_loss(av_scores: dict[int, Tensor], masks: Tensor, mask_valid: Tensor | None = None,
+                  stage: int = 0) -> Tensor:
+    """BCE of TPAVI's localisation scores θ_i·φ_t at one stage, as logits, against the mask area-pooled to that
+    stage's size (a soft target in [0, 1]), over the supervised frames: the positions of the sounding object should
+    match their frame's audio, every other position (and every position under negative audio) should not.
+
+    av_scores {stage: [B, T, h, w]}; masks [B, T, H, W]; mask_valid [B, T] bool (None = all). Not in the AVSBench
+    recipes (docs/design.md §17).
+    """
+    if stage not in av_scores:
+        raise ValueError(f"loss.av at stage {stage} needs TPAVI there; the model has TPAVI at {sorted(av_scores)}")
+    scores = av_scores[stage]  # [B, T, h, w]
+    target = F.adaptive_avg_pool2d(masks.float().flatten(0, 1)[:, None], scores.shape[-2:]).view(scores.shape)
+    if mask_valid is not None:
+        mask_valid = mask_valid.bool()
+        if not mask_valid.any():
+            return _zero(scores)
+        scores, target = scores[mask_valid], target[mask_valid]
+    return F.binary_cross_entropy_with_logits(scores.float(), target)
 
 
 def semantic_ce_loss(logits: Tensor, masks: Tensor, mask_valid: Tensor | None = None) -> Tensor:
@@ -210,7 +254,11 @@ def compute_loss(output: AVSOutput, config: LossConfig, masks: Tensor, mask_vali
     """
     parts: dict[str, Tensor] = {}
     if config.bce > 0:
-        parts["bce"] = mask_bce_loss(output.logits, masks, mask_valid)
+        parts["bce"] = mask_bce_loss(output.logits, masks, mask_valid, config.pos_weight)
+    if config.dice > 0:
+        parts["dice"] = dice_loss(output.logits, masks, mask_valid)
+    if config.av > 0:
+        parts["av"] = av_score_loss(output.av_scores, masks, mask_valid, config.av_stage)
     if config.ce > 0:
         parts["ce"] = semantic_ce_loss(output.logits, masks, mask_valid)
     if config.avm > 0:

@@ -13,6 +13,7 @@ from its kind in the registry (`avstrain.models.registry`), so the loop is the s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from avsprep.shards import read_manifest, read_negatives
 from avstrain.checkpoint import CheckpointSaver, RunState, load_checkpoint, restore
-from avstrain.config import Config, OptimConfig, config_to_toml
+from avstrain.config import Config, ConfigError, OptimConfig, config_to_toml
 from avstrain.data import Augmentation, ShardDataset
 from avstrain.losses import LossOutput
 from avstrain.models import ModelKind, build_for_shards, get_kind
@@ -157,6 +158,24 @@ def learning_rate(config: Config, step: int, total_steps: int) -> float:
     return lr
 
 
+def negatives_active(config: Config, epoch: int, heard_epoch: int) -> bool:
+    """Whether negative audio is drawn in `epoch` (0-based): from `train.negatives_from_epoch` on and, with
+    `train.negatives_start = "hears"`, only after the validation that found the model hearing (`heard_epoch` >= 0,
+    the epoch count at that validation, so negatives start with the next epoch)."""
+    if epoch < config.train.negatives_from_epoch:
+        return False
+    return config.train.negatives_start == "epoch" or 0 <= heard_epoch <= epoch
+
+
+def for_vision_only(config: Config) -> Config:
+    """A vision-only model (`model.audio = false`) has no TPAVI, so no localisation scores for `loss.av`: the
+    baseline of a config that uses it trains without it (as it trains without negative audio)."""
+    if config.model.audio or not config.loss.av:
+        return config
+    log.warning("model.audio = false: loss.av = %s is ignored", config.loss.av)
+    return dataclasses.replace(config, loss=dataclasses.replace(config.loss, av=0.0))
+
+
 def make_negatives(config: Config, shards_dir: Path, generator: torch.Generator) -> NegativeAudio:
     probability = config.train.negatives
     if probability and not config.model.audio:
@@ -251,7 +270,7 @@ def train_one_epoch(session: Session, run: RunState, steps_log: IO[str], progres
     fields = session.kind.batch_fields(config)
     clips = 0
     for batch in loader:
-        if run.epoch >= config.train.negatives_from_epoch:
+        if negatives_active(config, run.epoch, run.heard_epoch):
             session.negatives.apply(batch)
         inputs = to_device(batch, session.device, fields, config.model.image_size)
         for group in optimizer.param_groups:
@@ -292,15 +311,23 @@ def metric_value(results: dict, path: str) -> float:
 
 
 def validate(session: Session, shards_dir: Path, run: RunState, run_dir: Path, seconds: float, clips: int) -> dict:
-    """Score the validation split with the kind's default suite, log it to metrics.jsonl, keep best.pt."""
+    """Score the validation split with the kind's default suite (and, when asked or waiting for it, whether the
+    model hears), log it to metrics.jsonl, keep best.pt."""
     config = session.config
-    results = session.kind.suites()["default"](
-        session.model, shards_dir, config.data.val_split, session.device, session.amp_dtype,
-        batch_size=config.eval.batch_size, max_clips=config.eval.max_clips or None)
+    suites = session.kind.suites()
+    options = {"batch_size": config.eval.batch_size, "max_clips": config.eval.max_clips or None}
+    results = suites["default"](session.model, shards_dir, config.data.val_split, session.device, session.amp_dtype,
+                                **options)
+    record = {"epoch": run.epoch, "step": run.step, "train_seconds": round(seconds, 2),
+              "clips_per_second": round(clips / max(seconds, 1e-9), 2), "val": results}
+    if config.eval.hearing or waits_to_hear(session, run):
+        record["hearing"] = suites["hearing"](session.model, shards_dir, config.data.val_split, session.device,
+                                              session.amp_dtype, **options)
+        _note_hearing(session, run, record["hearing"])
+    if config.train.negatives_start == "hears":
+        record["heard_epoch"] = run.heard_epoch
     with (run_dir / "metrics.jsonl").open("a") as metrics_log:
-        metrics_log.write(json.dumps({"epoch": run.epoch, "step": run.step, "train_seconds": round(seconds, 2),
-                                      "clips_per_second": round(clips / max(seconds, 1e-9), 2),
-                                      "val": results}) + "\n")
+        metrics_log.write(json.dumps(record) + "\n")
     value = metric_value(results, session.kind.best_metric)
     log.info("epoch %d: val %s %.4f (%.1f clips/s)", run.epoch, session.kind.best_metric, value,
              clips / max(seconds, 1e-9))
@@ -308,6 +335,28 @@ def validate(session: Session, shards_dir: Path, run: RunState, run_dir: Path, s
         run.best_metric = value
         session.saver.save_best(run)
     return results
+
+
+def waits_to_hear(session: Session, run: RunState) -> bool:
+    """Whether negative audio waits for the model to hear (`train.negatives_start = "hears"`, not heard yet)."""
+    return (session.config.train.negatives_start == "hears" and run.heard_epoch < 0
+            and bool(session.negatives.probability))
+
+
+def _note_hearing(session: Session, run: RunState, heard: dict) -> None:
+    """Start negatives with the next epoch once the true audio beats the other object's by `train.hears_margin`."""
+    if waits_to_hear(session, run) and heard["clips"] and heard["gap"] >= session.config.train.hears_margin:
+        run.heard_epoch = run.epoch
+        log.info("epoch %d: the model hears (val mIoU %.3f with its own audio, %.3f with the other object's): "
+                 "negative audio starts", run.epoch, heard["miou_true"], heard["miou_swap"])
+
+
+def _share_hearing(session: Session, run: RunState, dist: Distributed) -> None:
+    """Under DDP rank 0 alone validates and decides; every rank must start negatives at the same step."""
+    if dist.world_size > 1 and session.config.train.negatives_start == "hears":
+        decision = torch.tensor([run.heard_epoch], dtype=torch.int64, device=session.device)
+        torch.distributed.broadcast(decision, src=0)
+        run.heard_epoch = int(decision.item())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,7 +383,17 @@ def _set_up(config: Config, shards_dir: Path, run_dir: Path, dist: Distributed) 
     dataset = training_dataset(config, shards_dir)
     batches_per_epoch, total_steps = _schedule(config, dataset)
     kind = get_kind(config.model.kind)
-    model = build_for_shards(config, manifest).to(device)
+    if (config.train.negatives_start == "hears" or config.eval.hearing) and "hearing" not in kind.suites():
+        raise ConfigError(f"train.negatives_start = 'hears' and eval.hearing need a hearing check, which "
+                          f"model.kind = {kind.name!r} does not have")
+    if config.train.negatives_start == "hears" and config.train.negatives and not manifest.get("has_other_masks"):
+        # The check swaps in the other visible object's audio: without its mask there is nothing to measure.
+        log.warning("train.negatives_start = 'hears' needs shards with other-object masks (avsprep crops "
+                    "--other-masks); these have none, so negatives start by epoch (train.negatives_from_epoch)")
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, negatives_start="epoch"))
+    model = build_for_shards(config, manifest)
+    kind.prepare(model, config, shards_dir)  # a resumed run overwrites it from last.pt
+    model = model.to(device)
     if config.train.channels_last:
         to_channels_last(model)
     optimizer = make_optimizer(model, config.optim)
@@ -390,9 +449,11 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     A resume restores every rank's RNGs and data position.
     """
     shards_dir, run_dir = Path(shards_dir), Path(run_dir)
+    config = for_vision_only(config)
     dist = init_distributed()
     run_dir.mkdir(parents=True, exist_ok=True)
     session, run = _set_up(config, shards_dir, run_dir, dist)
+    config = session.config  # as the set-up resolved it for these shards
     if resume:
         _resume(session, run)
     if dist.is_main:
@@ -411,6 +472,7 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
             seconds = time.perf_counter() - started
             if dist.is_main and (run.epoch % config.eval.every == 0 or run.epoch == config.optim.epochs):
                 last_metrics = validate(session, shards_dir, run, run_dir, seconds, clips)
+            _share_hearing(session, run, dist)
             session.saver.save_last(run)
             if dist.world_size > 1:
                 torch.distributed.barrier()  # the other ranks wait while rank 0 validates
@@ -420,6 +482,6 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     return {"best_metric": run.best_metric, "last": last_metrics, "steps": run.step, "model": session.model}
 
 
-__all__ = ["Distributed", "NegativeAudio", "Session", "end_distributed", "init_distributed", "learning_rate",
-           "make_negatives", "make_optimizer", "metric_value", "seed_everything", "to_device", "train",
-           "train_one_epoch", "train_step", "training_dataset", "validate"]
+__all__ = ["Distributed", "NegativeAudio", "Session", "end_distributed", "for_vision_only", "init_distributed",
+           "learning_rate", "make_negatives", "make_optimizer", "metric_value", "negatives_active", "seed_everything",
+           "to_device", "train", "train_one_epoch", "train_step", "training_dataset", "validate", "waits_to_hear"]

@@ -344,3 +344,28 @@ def test_format_table_of_both_shapes(shards):
     assert "1.0000" in format_table(suite)  # the FPR of an all-positive prediction
     with pytest.raises(ValueError):
         format_table({"split": "test"})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# hearing: the trainer's "does it hear yet?" check (train.negatives_start = "hears")
+
+
+def test_hearing_of_a_model_that_follows_the_sound_and_of_one_that_does_not(shards):
+    clips = clips_of(shards, "train")
+    heard = evaluation.hearing(SoundOracle(clips), shards, split="train")
+    assert heard["clips"] > 0
+    assert heard["miou_true"] == pytest.approx(1.0) and heard["miou_swap"] == pytest.approx(0.0, abs=1e-6)
+    assert heard["gap"] == pytest.approx(1.0)
+    assert heard["p_target"] > 0.99 and heard["p_other"] < 0.01 and heard["p_other_swap"] > 0.99
+    deaf = evaluation.hearing(SoundOracle(clips, follow_sound=False), shards, split="train")
+    assert deaf["clips"] == heard["clips"]
+    assert deaf["miou_true"] == pytest.approx(1.0) and deaf["miou_swap"] == pytest.approx(1.0)
+    assert deaf["gap"] == pytest.approx(0.0) and deaf["p_other_swap"] < 0.01
+    # The same numbers whatever the batching (donors are drawn per clip).
+    again = evaluation.hearing(SoundOracle(clips), shards, split="train", batch_size=3)
+    assert again == pytest.approx(heard)
+
+
+def test_hearing_without_other_masks_scores_nothing(plain_shards):
+    result = evaluation.hearing(ConstantModel(10.0), plain_shards, split="train")
+    assert result["clips"] == 0 and result["gap"] == 0.0

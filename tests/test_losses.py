@@ -7,7 +7,7 @@ import torch
 
 from avstrain.config import LossConfig
 from avstrain.losses import (avm_cosine_loss, avm_kl_loss, compute_loss, crop_audio_loss, crop_classification_loss,
-                             crop_temporal_loss, mask_bce_loss)
+                             crop_temporal_loss, dice_loss, av_score_loss, mask_bce_loss)
 from avstrain.models import AVSOutput
 
 
@@ -206,3 +206,71 @@ def test_zero_weight_switches_a_part_off():
         compute_loss(out, LossConfig(bce=0.0), masks)
     with pytest.raises(ValueError, match="avm_variant"):
         LossConfig(avm_variant="l2")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Opt-in parts for training from scratch (docs/design.md §17): positive weighting, soft Dice, TPAVI's localisation scores
+
+
+def test_pos_weight_scales_the_positive_pixels_only():
+    logits = torch.tensor([[[[2.0, -1.0]]]])  # [B=1, T=1, H=1, W=2]
+    masks = torch.tensor([[[[1.0, 0.0]]]])
+    pos, neg = math.log(1 + math.exp(-2.0)), math.log(1 + math.exp(-1.0))
+    assert mask_bce_loss(logits, masks, pos_weight=3.0).item() == pytest.approx((3 * pos + neg) / 2, rel=1e-6)
+    assert mask_bce_loss(logits, masks, pos_weight=1.0).item() == pytest.approx((pos + neg) / 2, rel=1e-6)
+
+
+def test_dice_by_hand_and_only_frames_with_masks():
+    logits = torch.tensor([[[[0.0, 0.0]], [[3.0, -3.0]], [[9.0, 9.0]]]])  # [B=1, T=3, H=1, W=2]
+    masks = torch.tensor([[[[1.0, 0.0]], [[1.0, 0.0]], [[0.0, 0.0]]]])
+    p1, p2 = _sigmoid(3.0), _sigmoid(-3.0)
+    frame0 = 1 - (2 * 0.5 + 1) / (0.5 + 0.5 + 1 + 1)
+    frame1 = 1 - (2 * p1 + 1) / (p1 + p2 + 1 + 1)
+    frame2 = 1 - 1 / (2 * _sigmoid(9.0) + 1)  # empty mask: asks for nothing predicted
+    assert dice_loss(logits, masks).item() == pytest.approx((frame0 + frame1 + frame2) / 3, rel=1e-6)
+    valid = torch.tensor([[True, True, False]])
+    assert dice_loss(logits, masks, valid).item() == pytest.approx((frame0 + frame1) / 2, rel=1e-6)
+    assert dice_loss(logits.unsqueeze(2), masks, valid).item() == pytest.approx((frame0 + frame1) / 2, rel=1e-6)
+    perfect = torch.where(masks > 0, 30.0, -30.0)
+    assert dice_loss(perfect, masks, valid).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dice_without_masks_is_zero_and_differentiable():
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    loss = dice_loss(logits, torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and logits.grad is not None
+
+
+def test_av_score_loss_against_the_pooled_mask():
+    scores = torch.tensor([[[[1.0, -2.0]]]])  # [B=1, T=1, h=1, w=2] at stage 0
+    masks = torch.tensor([[[[1.0, 1.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]]]])  # [1, 1, H=2, W=4]: pooled [1.0, 0.25]
+    def bce(x, t):
+        return -(t * math.log(_sigmoid(x)) + (1 - t) * math.log(1 - _sigmoid(x)))
+    expected = (bce(1.0, 1.0) + bce(-2.0, 0.25)) / 2
+    assert av_score_loss({0: scores}, masks).item() == pytest.approx(expected, rel=1e-6)
+    assert av_score_loss({0: scores}, masks, torch.tensor([[False]])).item() == 0.0
+    with pytest.raises(ValueError, match="needs TPAVI there"):
+        av_score_loss({0: scores}, masks, stage=2)
+
+
+def test_new_parts_are_off_by_default_and_weighted_when_on():
+    torch.manual_seed(0)
+    B, T, H, W = 2, 2, 8, 8
+    output = AVSOutput(logits=torch.randn(B, T, 1, H, W), stage_maps=[], av_scores={0: torch.randn(B, T, 2, 2)})
+    masks = (torch.rand(B, T, H, W) > 0.7).float()
+    default = compute_loss(output, LossConfig(), masks)
+    assert set(default.parts) == {"bce"}  # the reference's loss, unchanged
+    assert default.total.item() == pytest.approx(mask_bce_loss(output.logits, masks).item())
+    config = LossConfig(bce=1.0, pos_weight=2.0, dice=0.5, av=0.25)
+    losses = compute_loss(output, config, masks)
+    assert set(losses.parts) == {"bce", "dice", "av"}
+    expected = (mask_bce_loss(output.logits, masks, pos_weight=2.0) + 0.5 * dice_loss(output.logits, masks)
+                + 0.25 * av_score_loss(output.av_scores, masks))
+    assert losses.total.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("field, value", [("dice", -1.0), ("av", -0.5), ("pos_weight", 0.0), ("av_stage", 4)])
+def test_bad_new_loss_fields(field, value):
+    with pytest.raises(ValueError):
+        LossConfig(**{field: value})

@@ -102,3 +102,28 @@ def test_naive_flag_runs_the_reference_formula_with_the_same_outputs():
     assert torch.equal(slow.visual, reference)
     for name in ("visual", "audio_proj", "av_scores"):
         assert (getattr(fast, name) - getattr(slow, name)).abs().max().item() <= 1e-8
+
+
+@pytest.mark.parametrize("bn_init", [0.0, 0.25])
+def test_bn_init_decides_whether_the_interaction_gets_gradient_at_step_one(bn_init):
+    # The reference's zero init (bn_init 0) gives theta, phi, g, W_z and the audio projection no gradient until the
+    # BatchNorm weight has moved; a non-zero init (model.tpavi_bn_init) trains them from the first step.
+    torch.manual_seed(0)
+    block = TPAVI(8, 16, bn_init=bn_init).train()
+    assert torch.all(block.out_bn.weight == bn_init) and torch.all(block.out_bn.bias == 0)
+    out = block(torch.randn(2, 8, 3, 4, 4), torch.randn(2, 3, 16))
+    (out.visual * torch.randn_like(out.visual)).sum().backward()
+    for part in (block.theta, block.phi, block.g, block.out_conv, block.audio_proj):
+        grad = part.weight.grad.abs().max().item()
+        assert (grad > 0) == (bn_init != 0), (part, grad)
+
+
+def test_model_passes_tpavi_bn_init_to_every_block():
+    from avstrain.config import ModelConfig
+    from avstrain.models import build_model
+    model = build_model(ModelConfig(backbone="resnet18", channels=8, image_size=32, tpavi_bn_init=0.1))
+    assert len(model.tpavi) == 4
+    for block in model.tpavi.values():
+        assert torch.allclose(block.out_bn.weight, torch.full_like(block.out_bn.weight, 0.1))
+    reference = build_model(ModelConfig(backbone="resnet18", channels=8, image_size=32))
+    assert all(torch.all(block.out_bn.weight == 0) for block in reference.tpavi.values())

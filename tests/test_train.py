@@ -125,10 +125,12 @@ def test_cli_train_eval_and_bad_input(shards, tmp_path):
 
 def test_vision_only_model_ignores_negative_audio(shards, tmp_path, caplog):
     """A model that cannot hear would only learn to predict nothing from negative audio: it is switched off."""
-    config = tiny_config("model.audio=false", "train.negatives=1.0", "train.max_steps=2")
+    config = tiny_config("model.audio=false", "train.negatives=1.0", "train.max_steps=2", "loss.av=1.0",
+                         "train.negatives_start=hears", "model.audio_norm=true")
     with caplog.at_level("WARNING", logger="avstrain.train"):
         train(config, shards, tmp_path / "deaf")
     assert "train.negatives = 1.0 is ignored" in caplog.text
+    assert "loss.av = 1.0 is ignored" in caplog.text  # no TPAVI, no localisation scores
     steps = [json.loads(line) for line in (tmp_path / "deaf" / "steps.jsonl").read_text().splitlines()]
     assert len(steps) == 2 and all(s["bce"] > 0 for s in steps)
 
@@ -223,3 +225,109 @@ def test_checkpoint_loads_without_the_backbone_weight_file(shards, tmp_path):
                                                 "--shards", str(shards), "--split", "test"])
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "run" / "eval-test.json").read_text())["overall"]["miou"] >= 0.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# train.negatives_start = "hears": negative audio once validation shows the model follows the sound (docs/design.md §17)
+
+
+def test_negatives_active_by_epoch_and_by_hearing():
+    from avstrain.train import negatives_active
+    by_epoch = tiny_config("train.negatives_from_epoch=2")
+    assert [negatives_active(by_epoch, e, -1) for e in range(4)] == [False, False, True, True]
+    hears = tiny_config("train.negatives_from_epoch=2", "train.negatives_start=hears")
+    assert [negatives_active(hears, e, -1) for e in range(4)] == [False] * 4  # never heard: never
+    assert [negatives_active(hears, e, 1) for e in range(4)] == [False, False, True, True]  # and not before epoch 2
+    assert [negatives_active(hears, e, 3) for e in range(5)] == [False, False, False, True, True]
+    with pytest.raises(ConfigError, match="negatives_start"):
+        tiny_config("train.negatives_start=soon")
+
+
+def _hears_after(epochs_heard, monkeypatch):
+    """Stub the hearing check: the model 'hears' at validations after `epochs_heard` epochs or more."""
+    import avstrain.evaluate as evaluation
+    calls = []
+
+    def fake_hearing(model, shards_dir, split, *args, **kwargs):
+        calls.append(split)
+        done = len(calls)
+        return {"gap": 1.0 if done >= epochs_heard else 0.0, "miou_true": 0.0, "miou_swap": 0.0, "clips": 4}
+    monkeypatch.setattr(evaluation, "hearing", fake_hearing)  # the tpavi kind's "hearing" suite
+    return calls
+
+
+def test_negatives_start_when_the_model_hears_and_the_decision_is_checkpointed(shards, tmp_path, monkeypatch):
+    import avstrain.train as training
+    calls = _hears_after(2, monkeypatch)
+    drawn = []
+    apply = training.NegativeAudio.apply
+    monkeypatch.setattr(training.NegativeAudio, "apply", lambda self, batch: (drawn.append(1), apply(self, batch)))
+    config = tiny_config("optim.epochs=3", "train.negatives=0.5", "train.negatives_start=hears")
+    result = train(config, shards, tmp_path / "run")
+    steps_per_epoch = result["steps"] // 3
+    assert len(calls) == 2  # checked after epochs 1 and 2; once heard, no more checks
+    assert len(drawn) == steps_per_epoch  # negatives only in the third epoch
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["heard_epoch"] for m in metrics] == [-1, 2, 2]
+    assert "hearing" in metrics[0] and "hearing" not in metrics[2]
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["heard_epoch"] == 2
+
+
+def test_resume_after_the_model_heard_continues_exactly(shards, tmp_path, monkeypatch):
+    extra = ("optim.epochs=3", "train.negatives=0.5", "train.negatives_start=hears")
+    _hears_after(1, monkeypatch)
+    train(tiny_config(*extra), shards, tmp_path / "whole")
+    _hears_after(1, monkeypatch)
+    steps_per_epoch = len((tmp_path / "whole" / "steps.jsonl").read_text().splitlines()) // 3
+    parted = tmp_path / "parted"
+    train(tiny_config(*extra, f"train.max_steps={steps_per_epoch + 2}"), shards, parted)  # heard, stopped in epoch 1
+    assert torch.load(parted / "last.pt", weights_only=True)["heard_epoch"] == 1
+    import avstrain.evaluate as evaluation
+    monkeypatch.setattr(evaluation, "hearing", lambda *a, **k: pytest.fail("a resumed run that heard checks again"))
+    train(tiny_config(*extra), shards, parted, resume=True)
+    assert (parted / "steps.jsonl").read_text().splitlines() == (tmp_path / "whole" / "steps.jsonl").read_text().splitlines()
+
+
+def test_reference_recipes_keep_the_reference_model_and_losses():
+    from pathlib import Path
+    for path in sorted(Path(__file__).resolve().parents[1].glob("configs/avsbench-*.toml")):
+        config = load_config(path)
+        assert config.model.tpavi_bn_init == 0.0, path
+        assert (config.loss.dice, config.loss.av, config.loss.pos_weight) == (0.0, 0.0, 1.0), path
+        assert config.train.negatives_start == "epoch", path
+
+
+def test_audio_norm_standardises_with_the_training_split_and_travels_in_the_checkpoint(shards, tmp_path):
+    import numpy as np
+    from avstrain.data import ShardDataset
+    from avstrain.evaluate import read_split_table
+    from avstrain.checkpoint import load_checkpoint, model_from_checkpoint
+    train(tiny_config("optim.epochs=1", "model.audio_norm=true"), shards, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    audio = read_split_table(ShardDataset(shards, "train", shuffle=False), with_audio=True).audio
+    flat = audio.reshape(-1, audio.shape[-1]).astype(np.float64)
+    np.testing.assert_allclose(state["model"]["audio_mean"].numpy(), flat.mean(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(state["model"]["audio_std"].numpy(), np.maximum(flat.std(0, ddof=1), 1e-3),
+                               rtol=1e-4, atol=1e-5)
+    model, _ = model_from_checkpoint(load_checkpoint(tmp_path / "run" / "best.pt"))
+    standardised = model.normalize_audio(torch.from_numpy(audio))
+    assert standardised.reshape(-1, audio.shape[-1]).mean(0).abs().max() < 1e-3
+    # Off (the reference): no buffers, the embeddings reach TPAVI as they are.
+    from avstrain.models import build_model
+    plain = build_model(tiny_config().model)
+    assert "audio_mean" not in plain.state_dict()
+    assert torch.equal(plain.normalize_audio(torch.from_numpy(audio)), torch.from_numpy(audio))
+
+
+def test_hears_without_other_masks_falls_back_to_the_epoch_schedule(tmp_path, caplog):
+    plain = synth_shards(tmp_path / "plain", frames_per_clip=3, clips=12, num_classes=3, other_masks=False)
+    config = tiny_config("optim.epochs=1", "train.max_steps=2", "train.negatives=0.5", "train.negatives_start=hears")
+    with caplog.at_level("WARNING", logger="avstrain.train"):
+        train(config, plain, tmp_path / "run")
+    assert "needs shards with other-object masks" in caplog.text
+    assert tomllib.loads((tmp_path / "run" / "config.toml").read_text())["train"]["negatives_start"] == "epoch"
+
+
+def test_loss_av_needs_tpavi_at_its_stage(shards, tmp_path):
+    with pytest.raises(ConfigError, match="loss.av_stage = 0"):
+        train(tiny_config("loss.av=1.0", "model.tpavi_stages=[2, 3]"), shards, tmp_path / "run")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
@@ -40,6 +41,10 @@ class ModelKind:
     def for_shards(self, config: Config, manifest: dict) -> ModelConfig:
         """The model options as the training shards fix them (e.g. the number of classes)."""
         return config.model
+
+    def prepare(self, model: nn.Module, config: Config, shards_dir: Path) -> None:
+        """Before the first step of a fresh run: what the model measures from the training split itself (TPAVI:
+        the audio statistics of `model.audio_norm`). A resumed run loads it from the checkpoint instead."""
 
     def batch_fields(self, config: Config) -> tuple[str, ...]:
         """The shard fields a training batch must hold on the device."""

@@ -35,7 +35,7 @@ class TPAVI(nn.Module):
     """
 
     def __init__(self, channels: int = 256, audio_dim: int = 128, naive: bool = False,
-                 audio_proj_bias: bool = True) -> None:
+                 audio_proj_bias: bool = True, bn_init: float = 0.0) -> None:
         super().__init__()
         inter = max(channels // 2, 1)
         self.channels, self.inter_channels = channels, inter
@@ -50,7 +50,9 @@ class TPAVI(nn.Module):
         self.out_conv = nn.Conv3d(inter, channels, kernel_size=1)
         self.out_bn = nn.BatchNorm3d(channels)
         self.norm = nn.LayerNorm(channels)
-        nn.init.zeros_(self.out_bn.weight)
+        # bn_init 0 (the reference): the identity at the start. Non-zero: the interaction contributes, and trains,
+        # from the first step (`model.tpavi_bn_init`, docs/design.md §17).
+        nn.init.constant_(self.out_bn.weight, bn_init)
         nn.init.zeros_(self.out_bn.bias)
 
     def forward(self, visual: Tensor, audio: Tensor) -> TPAVIOutput:

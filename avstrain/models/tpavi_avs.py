@@ -13,12 +13,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config, ConfigError, LossConfig, ModelConfig
+from ..data import ShardDataset
+from ..eval_data import read_split_table
 from ..losses import LossOutput, compute_loss
 from .backbones import Backbone, build_backbone
 from .crop_encoder import CropEncoder
@@ -139,7 +142,8 @@ class AVSModel(nn.Module):
         c = config.channels
         self.necks = nn.ModuleList(DilatedNeck(cin, c) for cin in self.backbone.channels)
         self.tpavi_stages = tuple(sorted(config.tpavi_stages)) if config.audio else ()
-        self.tpavi = nn.ModuleDict({str(s): TPAVI(c, config.audio_dim, audio_proj_bias=config.audio_proj_bias)
+        self.tpavi = nn.ModuleDict({str(s): TPAVI(c, config.audio_dim, audio_proj_bias=config.audio_proj_bias,
+                                                  bn_init=config.tpavi_bn_init)
                                     for s in self.tpavi_stages})
         # decoder[k] fuses stage k (the reference's path{k+1}); it runs from k = 3 down to 0.
         self.decoder = nn.ModuleList(FeatureFusionBlock(c) for _ in range(4))
@@ -150,8 +154,25 @@ class AVSModel(nn.Module):
             raise ValueError("model.mask_classes = 0 must be resolved from the shards before the model is built")
         self.head = make_head(c, config.mask_classes)
         self.crop_encoder = crop_encoder
+        if config.audio_norm:
+            # Per-dimension mean and std of the training audio (`set_audio_stats`), saved with the weights.
+            self.register_buffer("audio_mean", torch.zeros(config.audio_dim))
+            self.register_buffer("audio_std", torch.ones(config.audio_dim))
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def set_audio_stats(self, mean: Tensor, std: Tensor, eps: float = 1e-3) -> None:
+        """Mean and std [audio_dim] of the training audio embeddings (`model.audio_norm`); std floored at eps."""
+        if not self.config.audio_norm:
+            raise ValueError("set_audio_stats needs a model built with model.audio_norm = true")
+        self.audio_mean.copy_(mean)
+        self.audio_std.copy_(std.clamp(min=eps))
+
+    def normalize_audio(self, audio: Tensor) -> Tensor:
+        """audio [..., audio_dim] standardised with the training statistics (as it is without `audio_norm`)."""
+        if not self.config.audio_norm:
+            return audio
+        return (audio - self.audio_mean.to(audio.dtype)) / self.audio_std.to(audio.dtype)
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [N,3,H,W] in 0..255 or float in 0..1 -> ImageNet-normalised float."""
@@ -174,6 +195,8 @@ class AVSModel(nn.Module):
         if self.tpavi_stages and (audio is None or audio.shape[:2] != (B, T)):
             raise ValueError(f"audio must be [B={B}, T={T}, {self.config.audio_dim}], "
                              f"got {None if audio is None else tuple(audio.shape)}")
+        if audio is not None:
+            audio = self.normalize_audio(audio)  # [B, T, audio_dim]
         flag = None if frame_valid is None else frame_valid.reshape(B * T, 1, 1, 1).to(self.pixel_mean.dtype)
         maps = [neck(f) for neck, f in zip(self.necks, self._backbone_maps(frames, frame_valid))]  # 4×[B·T,C,h,w]
         maps = [_flagged(m, flag) for m in maps]
@@ -310,8 +333,9 @@ class TPAVIKind(ModelKind):
 
     options = ("backbone", "backbone_weights", "channels", "image_size", "tpavi_stages", "audio", "audio_dim",
                "crop_mode", "crop_backbone", "crop_backbone_weights", "crop_embed_dim", "num_classes",
-               "mask_classes", "audio_proj_bias", "tpavi_window")
-    losses = {"bce": 1.0, "ce": 0.0, "avm": 0.0, "crop_cls": 0.0, "crop_temporal": 0.0, "crop_audio": 0.0}
+               "mask_classes", "audio_proj_bias", "tpavi_window", "tpavi_bn_init", "audio_norm")
+    losses = {"bce": 1.0, "ce": 0.0, "dice": 0.0, "av": 0.0, "avm": 0.0, "crop_cls": 0.0, "crop_temporal": 0.0,
+              "crop_audio": 0.0}
     best_metric = "overall.miou"
 
     def build(self, config: ModelConfig) -> AVSModel:
@@ -330,7 +354,20 @@ class TPAVIKind(ModelKind):
             raise ConfigError(f"model.mask_classes = {mask_classes} but the shards' masks have {shards_k} "
                               f"({'binary' if shards_k == 1 else 'semantic'}): set model.mask_classes={shards_k} or 0")
         check_semantic_losses(config.loss, mask_classes)
+        if config.loss.av and config.model.audio and config.loss.av_stage not in config.model.tpavi_stages:
+            raise ConfigError(f"loss.av reads TPAVI's scores at loss.av_stage = {config.loss.av_stage}, which is not "
+                              f"in model.tpavi_stages = {list(config.model.tpavi_stages)}")
         return dataclasses.replace(config.model, num_classes=classes, mask_classes=mask_classes)
+
+    def prepare(self, model: AVSModel, config: Config, shards_dir: Path) -> None:
+        """`model.audio_norm`: the per-dimension mean and std of the training split's audio embeddings, read from
+        the shards' small datasets (the same on every rank)."""
+        if not (config.model.audio_norm and config.model.audio):
+            return
+        dataset = ShardDataset(shards_dir, config.data.train_split, shuffle=False, rank=0, world_size=1)
+        audio = torch.from_numpy(read_split_table(dataset, with_audio=True).audio)  # [N, T, audio_dim]
+        flat = audio.reshape(-1, audio.shape[-1]).double()
+        model.set_audio_stats(flat.mean(0).float(), flat.std(0).float())
 
     def batch_fields(self, config: Config) -> tuple[str, ...]:
         fields = ("frames", "masks", "audio", "mask_valid", "frame_valid", "crop_valid", "label")
@@ -349,8 +386,9 @@ class TPAVIKind(ModelKind):
         return config.model.crop_mode != "off" and not uses_crops(config)  # a crop encoder that gets no crops
 
     def suites(self) -> dict:
-        from avstrain.evaluate import evaluate, reliance_suite  # evaluate -> runtime -> checkpoint -> models
+        from avstrain.evaluate import evaluate, hearing, reliance_suite  # evaluate -> runtime -> checkpoint -> models
 
         from avstrain.localisation import localisation_suite  # TPAVI's mask and av_scores as heat maps (§13)
 
-        return {"default": evaluate, "reliance": reliance_suite, "localisation": localisation_suite}
+        return {"default": evaluate, "reliance": reliance_suite, "localisation": localisation_suite,
+                "hearing": hearing}
