@@ -100,7 +100,7 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpo
 @click.option("--audio", type=EXISTING_FILE, help="With --video: this sound (WAV/FLAC/OGG) instead of the video's.")
 @click.option("--out-video", type=click.Path(dir_okay=False, path_type=Path),
               help="With --video: also write the segmentation as a video (every source frame with the mask of its "
-                   "second, the source's sound).")
+                   "second, or a localiser's heat map, the source's sound).")
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--split", default="test", show_default=True)
 @click.option("--batch-size", default=4, show_default=True, type=click.IntRange(1))
@@ -141,14 +141,16 @@ def _predict_video(model, config, runtime, checkpoint, video, audio, out, frames
     embedder = choose_embedder(recorded, checkpoint, vggish_weights, vggish_pca) if config.model.audio else None
     result = segment_video(model, video, audio, out, embedder, frames_per_clip or recorded.get("frames_per_clip") or 5,
                            device=runtime.device, amp_dtype=runtime.amp_dtype)
+    what = "masks" if result.heat is None else "heat maps"  # a localiser draws no mask
     click.echo(f"{video}: {result.seconds} frames at 1 per second ({result.fps:g} fps video), audio "
                f"{'from ' + str(audio) if audio else 'from the video'} through {result.embedder}; "
-               f"wrote {len(result.masks)} masks and {len(result.overlays)} overlay grids to {out}")
+               f"wrote {len(result.masks)} {what} and {len(result.overlays)} overlay grids to {out}")
     if out_video is not None:
         with progress("writing video") as advance:
-            written = write_segmentation_video(video, result.probabilities, out_video, audio, progress=advance)
+            written = write_segmentation_video(video, result.probabilities, out_video, audio, progress=advance,
+                                               heat=result.heat)
         click.echo(f"wrote {written.path}: {written.frames} frames at {float(written.frame_rate):g} fps, "
-                   f"audio from {written.audio}")
+                   f"{written.overlay} overlaid, audio from {written.audio}")
 
 
 def _predict_shards(model, runtime, shards, out, split, batch_size, overlays, layout="dataset") -> None:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from avsprep.errors import InputError
 from avstrain.data import ShardDataset
 from avstrain.evaluate import predict_logits
-from avstrain.visualise import predict_with_heat
+from avstrain.visualise import predict_with_heat, scale_heat
 from avstrain.metrics import FPRMeter, SegmentationMeter
 from avstrain.runtime import eval_mode
 
@@ -45,7 +45,8 @@ def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str |
     with eval_mode(model):
         for batch in DataLoader(dataset, batch_size=batch_size):
             if hasattr(model, "heatmaps"):
-                masks = _heat_pngs(predict_with_heat(model, batch["frames"], batch["audio"], device, amp_dtype).heat)
+                masks = scale_heat(predict_with_heat(model, batch["frames"], batch["audio"], device, amp_dtype)
+                                   .heat.numpy())
             else:
                 logits = predict_logits(model, batch, device, amp_dtype)  # [B,T,1,S,S]
                 masks = ((logits[:, :, 0] > 0).numpy() * 255).astype(np.uint8)  # sigmoid > 0.5 <=> logit > 0
@@ -58,14 +59,6 @@ def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str |
             if progress:
                 progress(len(batch["name"]))
     return written
-
-
-def _heat_pngs(heat: torch.Tensor) -> np.ndarray:
-    """heat [B,T,S,S] -> uint8, each frame from its minimum (0) to its maximum (255)."""
-    flat = heat.flatten(2)
-    low, high = flat.min(2, keepdim=True).values, flat.max(2, keepdim=True).values
-    scaled = (flat - low) / (high - low).clamp(min=1e-12)
-    return (scaled.view_as(heat).numpy() * 255).round().astype(np.uint8)
 
 
 def _index_pngs(root: Path) -> dict[str, Path]:

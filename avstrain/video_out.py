@@ -5,6 +5,10 @@ Every source frame, at the source's frame rate and size, with the predicted mask
 red, and the source's own sound track (or the `--audio` file) encoded as AAC beside it. The model's masks are
 S x S; each is resized to the frame bilinearly on the probabilities and thresholded at 0.5, so edges stay smooth.
 
+A localiser (senocak, avolnet) draws no mask: its heat map of the second, resized bilinearly, is blended over the
+frame in the `inferno` colour map as the overlay grids draw it (`avstrain.visualise.heat_overlay`), on one colour
+scale for the whole video (1st..99th percentile of all its seconds), so that brighter means hotter in every frame.
+
 Written under a temporary name and renamed when complete.
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import soundfile
 
 from avsprep import video as video_io
 from avsprep.errors import InputError
-from avstrain.visualise import mask_overlay
+from avstrain.visualise import heat_overlay, heat_scale, mask_overlay
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ class SegmentationVideo:
     frames: int
     frame_rate: Fraction
     audio: str  # where the sound came from: "video", an audio file's path, or "none"
+    overlay: str = "mask"  # what is drawn over the frames: "mask" or "heat map"
 
 
 def _file_audio(path: Path, block: int = 65536) -> tuple[Iterator[np.ndarray], int, int]:
@@ -45,22 +50,38 @@ def _file_audio(path: Path, block: int = 65536) -> tuple[Iterator[np.ndarray], i
     return blocks, info.samplerate, info.channels
 
 
-def _masks_at(probabilities: np.ndarray, width: int, height: int) -> Callable[[int], np.ndarray]:
-    """second -> mask [height, width] bool, the last one computed kept (frames come in time order)."""
+def _maps_at(maps: np.ndarray, width: int, height: int) -> Callable[[int], np.ndarray]:
+    """second -> maps[second] [height, width] float32, resized bilinearly; the last one computed is kept (frames
+    come in time order, about 25 to a second)."""
     cache: dict[int, np.ndarray] = {}
 
-    def mask(second: int) -> np.ndarray:
+    def resized(second: int) -> np.ndarray:
         if second not in cache:
             cache.clear()
-            cache[second] = cv2.resize(probabilities[second], (width, height), interpolation=cv2.INTER_LINEAR) > 0.5
+            cache[second] = cv2.resize(maps[second], (width, height), interpolation=cv2.INTER_LINEAR)
         return cache[second]
 
-    return mask
+    return resized
 
 
-def write_segmentation_video(source: Path, probabilities: np.ndarray, out: Path, audio: Path | None = None,
-                             progress: Callable[[int, int | None], None] | None = None) -> SegmentationVideo:
-    """Write `out` (mp4, mkv: by its suffix) from the `source` video and per-second mask probabilities [n,S,S].
+def _painter(probabilities: np.ndarray | None, heat: np.ndarray | None, width: int, height: int
+             ) -> tuple[Callable[[np.ndarray, int], np.ndarray], int, str]:
+    """(draw(frame [H,W,3] uint8, second) -> frame, the number of seconds predicted, what is drawn)."""
+    if (probabilities is None) == (heat is None):
+        raise ValueError("give exactly one of probabilities and heat")
+    if probabilities is not None:
+        mask = _maps_at(probabilities.astype(np.float32), width, height)
+        return (lambda frame, second: mask_overlay(frame, mask(second) > 0.5)), len(probabilities), "mask"
+    low, high = heat_scale(heat)
+    hot = _maps_at(heat.astype(np.float32), width, height)
+    return (lambda frame, second: heat_overlay(frame, hot(second), low, high)), len(heat), "heat map"
+
+
+def write_segmentation_video(source: Path, probabilities: np.ndarray | None, out: Path, audio: Path | None = None,
+                             progress: Callable[[int, int | None], None] | None = None,
+                             heat: np.ndarray | None = None) -> SegmentationVideo:
+    """Write `out` (mp4, mkv: by its suffix) from the `source` video and per-second mask probabilities [n,S,S],
+    or, for a localiser, `probabilities=None` and its per-second heat maps `heat` [n,S,S].
 
     `audio`: a file to use instead of the video's own sound track (a video without one gets a silent output).
     `progress(newly_done, total)` counts frames (the total from the header's duration, when it has one).
@@ -77,7 +98,7 @@ def write_segmentation_video(source: Path, probabilities: np.ndarray, out: Path,
     else:
         blocks, audio_rate, channels, audio_name = iter(()), None, 1, "none"
     total = round(info.duration * rate) if info.duration else None
-    mask = _masks_at(probabilities.astype(np.float32), info.width, info.height)
+    draw, seconds, overlay = _painter(probabilities, heat, info.width, info.height)
     partial = out.with_name(f".{out.stem}.partial{out.suffix}")
     out.parent.mkdir(parents=True, exist_ok=True)
     frames = 0
@@ -86,10 +107,10 @@ def write_segmentation_video(source: Path, probabilities: np.ndarray, out: Path,
         for block in blocks:
             writer.write_audio(block)
         for time, frame in video_io.iter_frames(source):
-            writer.write_frame(mask_overlay(frame, mask(min(int(time), len(probabilities) - 1))))
+            writer.write_frame(draw(frame, min(int(time), seconds - 1)))
             frames += 1
             if progress is not None:
                 progress(1, total)
     os.replace(partial, out)
-    log.info("%s: %d frames at %s fps, audio from %s", out, frames, rate, audio_name)
-    return SegmentationVideo(path=out, frames=frames, frame_rate=rate, audio=audio_name)
+    log.info("%s: %d frames at %s fps, %s overlaid, audio from %s", out, frames, rate, overlay, audio_name)
+    return SegmentationVideo(path=out, frames=frames, frame_rate=rate, audio=audio_name, overlay=overlay)

@@ -17,7 +17,8 @@ percentile), so the rows compare: with the other object's audio the hot region s
 middle of each second (t = k + 0.5 s by timestamp, the centre of audio example k; `avsprep.video`, as `avsprep
 frames` takes them), resized to the model's square input as `avsprep crops` resizes frames, and the video's own
 sound track (or a separate audio file) embedded with the embedder the training shards were made with (recorded in
-the checkpoint), one 128-d vector per second.
+the checkpoint), one 128-d vector per second. A localiser's per-second output is its heat map instead of a mask;
+AVE-Net, which draws neither, is refused before the video is read (`check_draws`).
 """
 from __future__ import annotations
 
@@ -36,9 +37,13 @@ from avsprep.errors import InputError
 from avsprep.shards import read_negatives
 from avstrain.data import ShardDataset
 from avstrain.eval_data import DonorPicker, model_uses_audio, read_split_table
+from avstrain.models.tpavi_avs import AVSModel
 from avstrain.runtime import autocast, eval_mode
 
 log = logging.getLogger(__name__)
+
+NOTHING_TO_DRAW = ("draws neither masks nor heat maps (AVE-Net: its outputs are correspondence and embeddings, see "
+                   "avstrain eval --suite localisation)")
 
 PREDICTION_RGB = np.array([230, 40, 40], np.float32)
 TARGET_RGB = (40, 200, 40)
@@ -79,13 +84,21 @@ def predict_with_heat(model: nn.Module, frames: Tensor, audio: Tensor, device: t
             return Prediction(None, _to_frame_size(next(iter(maps.values())), size))
         output = model(frames.to(device).permute(0, 1, 4, 2, 3), audio.to(device))
     if not hasattr(output, "av_scores"):
-        raise InputError(None, "this model draws neither masks nor heat maps (AVE-Net: its outputs are correspondence "
-                               "and embeddings, see avstrain eval --suite localisation)")
+        raise InputError(None, f"this model {NOTHING_TO_DRAW}")
     probabilities = torch.sigmoid(output.logits.float())[:, :, 0].cpu()
     heat = None
     if output.av_scores:
         heat = _to_frame_size(output.av_scores[min(output.av_scores)], size)  # the finest TPAVI stage
     return Prediction(probabilities, heat)
+
+
+def check_draws(model: nn.Module) -> None:
+    """InputError unless the model draws a mask (TPAVI) or a heat map (the localisers): AVE-Net draws neither.
+
+    Asked before a video is decoded, so that an AVE-Net checkpoint fails at once rather than after the work."""
+    if not (isinstance(model, AVSModel) or hasattr(model, "heatmaps")):
+        kind = getattr(getattr(model, "config", None), "kind", type(model).__name__)
+        raise InputError(None, f"model.kind = {kind!r} {NOTHING_TO_DRAW}")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,6 +124,20 @@ def heat_overlay(frame: np.ndarray, heat: np.ndarray, low: float, high: float) -
     scaled = (np.clip((heat - low) / max(high - low, 1e-12), 0, 1) * 255).astype(np.uint8)
     colours = cv2.cvtColor(cv2.applyColorMap(scaled, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB).astype(np.float32)
     return (0.35 * frame + 0.65 * colours).clip(0, 255).astype(np.uint8)
+
+
+def heat_scale(heat: np.ndarray) -> tuple[float, float]:
+    """The colour scale (low, high) of heat maps [..., H, W] shown together: their 1st and 99th percentiles, so
+    that one hot cell does not wash out the rest."""
+    return float(np.percentile(heat, 1)), float(np.percentile(heat, 99))
+
+
+def scale_heat(heat: np.ndarray) -> np.ndarray:
+    """heat [..., H, W] float -> uint8 [..., H, W], each map from its minimum (0) to its maximum (255)."""
+    flat = heat.reshape(*heat.shape[:-2], -1).astype(np.float32)
+    low, high = flat.min(-1, keepdims=True), flat.max(-1, keepdims=True)
+    scaled = (flat - low) / np.maximum(high - low, 1e-12)
+    return (scaled.reshape(heat.shape) * 255).round().astype(np.uint8)
 
 
 def draw_grid(rows: list[tuple[str, list[np.ndarray]]], title: str, out: Path, cell: int = 128) -> Path:
@@ -256,7 +283,7 @@ def _clip_grid(name: str, clip: dict, classes: list[str], label: int, other: int
         truth.append(_outline(picture, other_mask[t], OTHER_RGB) if other_mask is not None else picture)
     rows = [("frame", list(frames)), ("ground truth", truth)]
     heat = prediction.heat.numpy() if prediction.heat is not None else None
-    low, high = (np.percentile(heat, 1), np.percentile(heat, 99)) if heat is not None else (0.0, 1.0)
+    low, high = heat_scale(heat) if heat is not None else (0.0, 1.0)
     for i, condition in enumerate(conditions):
         if prediction.probabilities is None:  # a localiser: its heat map is the prediction
             rows.append((f"{condition.label}\n{_pointing_label(heat[i], condition.follow, valid)}",
@@ -292,6 +319,7 @@ class VideoResult:
     audio_padded: int  # seconds of audio repeated because the audio was shorter than the video
     embedder: str
     probabilities: np.ndarray | None = None  # [seconds,S,S] float32: the mask probabilities (for --out-video)
+    heat: np.ndarray | None = None  # [seconds,S,S] float32: a localiser's heat maps, in place of probabilities
 
 
 def sample_video_frames(path: str | Path, max_seconds: int = 0) -> tuple[list[np.ndarray], float]:
@@ -341,9 +369,12 @@ def segment_video(model: nn.Module, video: str | Path, audio: str | Path | None,
 
     The n seconds are cut into windows of `frames_per_clip` (the last may be shorter; TPAVI takes any T). The sound
     is the video's own track unless `audio` (WAV/FLAC/OGG, any rate) is given; a vision-only model needs neither.
+    A localiser (senocak, avolnet) writes its heat maps instead of masks, as `predict --shards` does (8-bit grey,
+    each second's map from its minimum to its maximum), and `VideoResult.heat` in place of `probabilities`.
     """
     from avsprep.crops import resize
 
+    check_draws(model)
     video, out = Path(video), Path(out)
     uses_audio = model_uses_audio(model)
     frames, fps = sample_video_frames(video, max_seconds)
@@ -353,21 +384,24 @@ def segment_video(model: nn.Module, video: str | Path, audio: str | Path | None,
     embeddings, padded, name = _video_audio(video, audio, embedder if uses_audio else None, n)  # [n,128]
     device = torch.device(device)
     out.mkdir(parents=True, exist_ok=True)
-    masks, overlays, probabilities = [], [], []
+    masks, overlays, maps = [], [], []  # maps: per window, the probabilities [t,S,S] (or a localiser's heat maps)
     model.to(device)
     with eval_mode(model):
         for w, start in enumerate(range(0, n, frames_per_clip), start=1):
             stop = min(n, start + frames_per_clip)
             prediction = predict_with_heat(model, inputs[None, start:stop], embeddings[None, start:stop], device,
                                            amp_dtype)
-            probabilities.append(prediction.probabilities[0].numpy())
-            predicted = probabilities[-1] > 0.5  # [t,S,S]
-            masks += _write_video_masks(predicted, frames[start:stop], out, video.stem, first=start + 1)
+            localiser = prediction.probabilities is None  # its heat map is the prediction
+            maps.append((prediction.heat if localiser else prediction.probabilities)[0].numpy())
+            predicted = None if localiser else maps[-1] > 0.5  # [t,S,S]
+            masks += _write_video_maps(maps[-1] if localiser else predicted, frames[start:stop], out, video.stem,
+                                       first=start + 1)
             title = f"{video.name}, seconds {start + 1}-{stop}" + ("" if uses_audio else " (vision-only model)")
             overlays.append(_window_grid(inputs[start:stop].numpy(), predicted, prediction, title,
                                          out / f"{video.stem}_overlay_{w}.png"))
+    joined = np.concatenate(maps)
     return VideoResult(masks=masks, overlays=overlays, seconds=n, fps=fps, audio_padded=padded, embedder=name,
-                       probabilities=np.concatenate(probabilities))
+                       probabilities=None if localiser else joined, heat=joined if localiser else None)
 
 
 def _video_audio(video: Path, audio: str | Path | None, embedder, seconds: int) -> tuple[Tensor, int, str]:
@@ -387,29 +421,36 @@ def _video_audio(video: Path, audio: str | Path | None, embedder, seconds: int) 
     return torch.from_numpy(embedder.embed(examples)).float(), padded, embedder.name
 
 
-def _write_video_masks(predicted: np.ndarray, frames: list[np.ndarray], out: Path, stem: str, first: int
-                       ) -> list[Path]:
-    """predicted [t,S,S] bool as 0/255 PNGs at each frame's own resolution, `<stem>_<first + i>.png`."""
+def _write_video_maps(maps: np.ndarray, frames: list[np.ndarray], out: Path, stem: str, first: int) -> list[Path]:
+    """maps [t,S,S] as PNGs at each frame's own resolution, `<stem>_<first + i>.png`: bool masks as 0/255
+    (nearest), float heat maps bilinearly, then scaled from their minimum (0) to their maximum (255)."""
     paths = []
     for t, frame in enumerate(frames):
         height, width = frame.shape[:2]
-        mask = cv2.resize(predicted[t].astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_NEAREST)
+        if maps.dtype == bool:
+            picture = cv2.resize(maps[t].astype(np.uint8) * 255, (width, height), interpolation=cv2.INTER_NEAREST)
+        else:
+            picture = scale_heat(cv2.resize(maps[t], (width, height), interpolation=cv2.INTER_LINEAR))
         path = out / f"{stem}_{first + t}.png"
-        cv2.imwrite(str(path), mask)
+        cv2.imwrite(str(path), picture)
         paths.append(path)
     return paths
 
 
-def _window_grid(window: np.ndarray, predicted: np.ndarray, prediction: Prediction, title: str, path: Path) -> Path:
-    """Frame, prediction and (with TPAVI) heat-map rows of one window: window [t,S,S,3], predicted [t,S,S]."""
-    rows = [("frame", list(window)),
-            ("prediction", [mask_overlay(frame, mask) for frame, mask in zip(window, predicted)])]
+def _window_grid(window: np.ndarray, predicted: np.ndarray | None, prediction: Prediction, title: str,
+                 path: Path) -> Path:
+    """Frame, prediction and heat-map rows of one window: window [t,S,S,3], predicted [t,S,S] bool (None for a
+    localiser, which has only the heat-map row; the vision-only TPAVI model has no heat map)."""
+    rows = [("frame", list(window))]
+    if predicted is not None:
+        rows.append(("prediction", [mask_overlay(frame, mask) for frame, mask in zip(window, predicted)]))
     if prediction.heat is not None:
         heat = prediction.heat[0].numpy()
-        low, high = np.percentile(heat, 1), np.percentile(heat, 99)
+        low, high = heat_scale(heat)
         rows.append(("heat map", [heat_overlay(window[t], heat[t], low, high) for t in range(len(window))]))
     return draw_grid(rows, title, path)
 
 
-__all__ = ["OverlayResult", "Prediction", "VideoResult", "choose_embedder", "draw_grid", "heat_overlay",
-           "mask_overlay", "predict_with_heat", "sample_video_frames", "segment_video", "write_overlays"]
+__all__ = ["OverlayResult", "Prediction", "VideoResult", "check_draws", "choose_embedder", "draw_grid",
+           "heat_overlay", "heat_scale", "mask_overlay", "predict_with_heat", "sample_video_frames", "scale_heat",
+           "segment_video", "write_overlays"]

@@ -4,6 +4,9 @@ A synthetic clip's PNG frames and WAV are encoded into an mp4 (second k shows fr
 predicted from the mp4 must match those predicted from the PNGs and the WAV, and the output video must keep the
 source's duration and sound. The clip's frames are larger than the model's input (128 px against 64), as a
 video's are: H.264 codes colour at half resolution, which the resize to the model's input then averages away.
+
+A localiser (senocak, avolnet, 2 training steps) draws its heat map over the video instead, and AVE-Net, which draws
+neither, is a one-line error; `tools/video_still.py` saves one frame of such a video.
 """
 from __future__ import annotations
 
@@ -140,3 +143,102 @@ def test_audio_option_overrides_the_video_sound(trained, clip, tmp_path):
     assert result.exit_code == 0, result.output
     assert f"audio from {silent}" in result.output
     assert np.abs(read_audio(tmp_path / "v.mkv")).max() < 1e-3  # the given (silent) sound was muxed in
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Localisers: the heat map over the video (senocak, avolnet), and AVE-Net, which draws nothing
+
+LOCALISER_SIZE = 64
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def localiser_clip(tmp_path_factory):
+    """Shards of 24 clips (T = 2, 64 px) and one test clip's PNG frames and WAV as an mp4 (H.264 + AAC)."""
+    from helpers import synth_shards
+
+    root = tmp_path_factory.mktemp("localiservideo")
+    shards = synth_shards(root, frames_per_clip=2, clips=24, size=LOCALISER_SIZE)
+    raw = root / "raw"
+    with (raw / "meta.csv").open(newline="") as handle:
+        row = next(r for r in csv.DictReader(handle) if r["split"] == "test")
+    name, category = row["name"], row["category"]
+    samples, rate = soundfile.read(raw / "audio_wav" / "test" / category / f"{name}.wav", dtype="float32")
+    mp4 = root / f"{name}.mp4"
+    with VideoWriter(mp4, FPS, LOCALISER_SIZE, LOCALISER_SIZE, audio_rate=rate, audio_channels=1, crf=10) as writer:
+        writer.write_audio(samples[None, :2 * rate])
+        for k in (1, 2):
+            frame = read_image(raw / "visual_frames" / "test" / category / name / f"{name}_{k}.png")
+            for _ in range(FPS):
+                writer.write_frame(frame)
+    return shards, mp4
+
+
+def _two_steps(kind: str, shards: Path, runs: Path) -> Path:
+    """best.pt of 2 training steps of configs/synth-<kind>.toml through the CLI (a few seconds)."""
+    result = CliRunner().invoke(avstrain_main, [
+        "train", "--config", str(CONFIGS / f"synth-{kind}.toml"), "--shards", str(shards), "--name", kind,
+        "--runs", str(runs), "--set", "train.max_steps=2", "--set", "optim.batch_size=4", "--set", "train.workers=0",
+        "--set", "train.amp=fp32"])
+    assert result.exit_code == 0, result.output
+    return runs / kind / "best.pt"
+
+
+@pytest.mark.parametrize("kind", ["senocak", "avolnet"])
+def test_a_localisers_video_shows_its_heat_map_and_keeps_the_sound(localiser_clip, tmp_path, kind):
+    shards, mp4 = localiser_clip
+    checkpoint = _two_steps(kind, shards, tmp_path / "runs")
+    out, out_video = tmp_path / "heat", tmp_path / "heat.mp4"
+    result = CliRunner().invoke(avstrain_main, ["predict", "--checkpoint", str(checkpoint), "--video", str(mp4),
+                                                "--out", str(out), "--out-video", str(out_video)])
+    assert result.exit_code == 0, result.output
+    assert "wrote 2 heat maps" in result.output and "heat map overlaid" in result.output
+
+    # The heat maps `--out` wrote (0..255 per second, at the video's size) say where the map is hot and cold; the
+    # video blends inferno over the frame there: near white where hot, near black where cold.
+    source, written = dict(iter_frames(mp4)), dict(iter_frames(out_video))
+    assert abs(len(written) - len(source)) <= 1
+    for second in (0, 1):
+        heat = cv2.imread(str(out / f"{mp4.stem}_{second + 1}.png"), cv2.IMREAD_GRAYSCALE)
+        hot, cold = heat >= 200, heat <= 55
+        assert hot.any() and cold.any()
+        time = Fraction(second * FPS + FPS // 2, FPS)
+        before, after = source[time].astype(float).mean(-1), written[time].astype(float).mean(-1)
+        assert np.abs(after - before)[hot].mean() > 30  # the frame changed where the map is hot
+        assert (after - before)[hot].mean() > (after - before)[cold].mean() + 60
+    source_audio, source_rate = decode_audio(mp4)
+    output_audio, output_rate = decode_audio(out_video)
+    assert output_rate == source_rate and output_audio.shape[0] == 1
+    assert _delayed_correlation(source_audio[0], output_audio[0]) >= 0.99
+
+
+def test_avenet_has_nothing_to_draw_over_a_video(localiser_clip, tmp_path):
+    shards, mp4 = localiser_clip
+    checkpoint = _two_steps("avenet", shards, tmp_path / "runs")
+    out = tmp_path / "nothing"
+    result = CliRunner().invoke(avstrain_main, ["predict", "--checkpoint", str(checkpoint), "--video", str(mp4),
+                                                "--out", str(out), "--out-video", str(tmp_path / "v.mp4")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("avstrain: error: model.kind = 'avenet' draws neither masks")
+    assert not out.exists() and not (tmp_path / "v.mp4").exists()  # refused before the video was read
+
+
+def test_video_still_tool_saves_a_frame_of_the_output_video(trained, tmp_path):
+    """tools/video_still.py on the model trained above: the JPEG is the output video's frame at 1.5 s (T = 3)."""
+    import importlib.util
+
+    raw, checkpoint = trained
+    path = Path(__file__).resolve().parents[1] / "tools" / "video_still.py"
+    spec = importlib.util.spec_from_file_location("video_still", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    still, work = tmp_path / "still.jpg", tmp_path / "work"
+    assert tool.main(["--checkpoint", str(checkpoint), "--shards", str(raw.parent / "shards"), "--data", str(raw),
+                      "--out", str(still), "--keep", str(work)]) == 0
+    picture = cv2.cvtColor(cv2.imread(str(still)), cv2.COLOR_BGR2RGB).astype(float)
+    shown = dict(iter_frames(work / "segmented.mp4"))[Fraction(37, FPS)]  # shown over [1.48, 1.52)
+    assert picture.shape == shown.shape == (VIDEO_SIZE, VIDEO_SIZE, 3)
+    assert np.abs(picture - shown).mean() < 4  # JPEG at quality 92
+    assert tool.main(["--checkpoint", str(checkpoint), "--shards", str(raw.parent / "shards"), "--data", str(raw),
+                      "--out", str(still), "--clip", "no_such_clip"]) == 2
