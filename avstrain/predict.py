@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from avsprep.errors import InputError
 from avstrain.data import ShardDataset
 from avstrain.evaluate import predict_logits
-from avstrain.visualise import predict_with_heat, scale_heat
+from avstrain.visualise import check_draws, predict_with_heat, scale_heat
 from avstrain.metrics import FPRMeter, SegmentationMeter
 from avstrain.runtime import eval_mode
 
@@ -37,7 +37,8 @@ def write_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str |
                       device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None, batch_size: int = 4,
                       progress: Callable[[int], None] | None = None) -> int:
     """Write sigmoid(logit) > 0.5 as 0/255 PNGs for every clip of the split (a localiser: its heat maps, scaled to
-    0..255 per frame); returns the number of files written."""
+    0..255 per frame); returns the number of files written. AVE-Net, which draws neither, is an InputError."""
+    check_draws(model)
     device, out = torch.device(device), Path(out)
     dataset = ShardDataset(shards_dir, split, shuffle=False)
     written = 0

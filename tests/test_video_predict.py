@@ -222,6 +222,9 @@ def test_avenet_has_nothing_to_draw_over_a_video(localiser_clip, tmp_path):
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("avstrain: error: model.kind = 'avenet' draws neither masks")
     assert not out.exists() and not (tmp_path / "v.mp4").exists()  # refused before the video was read
+    result = CliRunner().invoke(avstrain_main, ["predict", "--checkpoint", str(checkpoint), "--shards", str(shards),
+                                                "--out", str(out)])
+    assert result.exit_code == 2 and "draws neither masks" in result.output and "Traceback" not in result.output
 
 
 def test_video_still_tool_saves_a_frame_of_the_output_video(trained, tmp_path):
