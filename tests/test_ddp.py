@@ -141,3 +141,20 @@ def test_sigkill_mid_epoch_and_resume_gives_the_same_steps_on_every_rank(shards,
                 kill_every_rank(process)
     assert (run / "steps.jsonl").read_text().splitlines() == expected
     assert all(map(torch.equal, negative_streams(run), negative_streams(tmp_path / "whole" / "run")))
+
+
+def test_negatives_that_wait_for_hearing_start_on_every_rank_at_once(tmp_path_factory, tmp_path):
+    """train.negatives_start = "hears": rank 0 alone validates and decides, then broadcasts; both ranks draw negative
+    audio from the next epoch on (a rank that did not would train on other targets), weights stay identical."""
+    shards = synth_shards(tmp_path_factory.mktemp("ddp-other"), frames_per_clip=2, clips=20, num_classes=5)
+    probe = Path(__file__).with_name("ddp_probe.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(probe), str(shards), str(tmp_path), "hears"], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["negatives_in_epochs"] == ranks[1]["negatives_in_epochs"] == [1]
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["heard_epoch"] for m in metrics] == [1, 1]
