@@ -265,8 +265,11 @@ def train_one_epoch(session: Session, run: RunState, steps_log: IO[str], progres
     config, model, optimizer = session.config, session.model, session.optimizer
     model.train()
     session.dataset.set_epoch(run.epoch, skip_batches=run.batch_in_epoch, batch_size=config.optim.batch_size)
+    # The loader draws its workers' base seed from this generator, not from torch's global RNG: a resumed epoch
+    # would otherwise draw it a second time, leaving the global RNG one draw ahead of an uninterrupted run's.
+    base_seed = torch.Generator().manual_seed(config.train.seed * 1_000_003 + run.epoch)
     loader = DataLoader(session.dataset, batch_size=config.optim.batch_size, num_workers=config.train.workers,
-                        pin_memory=session.device.type == "cuda")
+                        pin_memory=session.device.type == "cuda", generator=base_seed)
     fields = session.kind.batch_fields(config)
     clips = 0
     for batch in loader:

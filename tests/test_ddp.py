@@ -102,8 +102,10 @@ def wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: f
 
 
 def negative_streams(run: Path) -> list[torch.Tensor]:
-    """Each rank's negative-audio generator state in the run's last.pt (mmap: the weights are not read)."""
-    return [rng["negatives"] for rng in torch.load(run / "last.pt", weights_only=True, mmap=True)["rank_rngs"]]
+    """Each rank's negative-audio generator and global torch RNG states in the run's last.pt, concatenated (mmap:
+    the weights are not read)."""
+    return [torch.cat([rng["negatives"], rng["torch"]])
+            for rng in torch.load(run / "last.pt", weights_only=True, mmap=True)["rank_rngs"]]
 
 
 def test_sigkill_mid_epoch_and_resume_gives_the_same_steps_on_every_rank(shards, tmp_path):
