@@ -122,4 +122,4 @@ def avss_clip(home: Path, row: AvssRow) -> ClipSource:
         raise InputError(audio, f"audio of clip {row.uid!r} not found")
     return ClipSource(name=row.uid, frames=frames, split=row.split, audio=audio, category=None,
                       other_category=row.other,
-                      report={"masks_missing": missing, f"clips_{row.version}": 1})
+                      report={"masks_missing": missing, f"clips_{row.version}": 1}, subset=row.version)

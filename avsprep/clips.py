@@ -86,6 +86,7 @@ class ClipSource:
     sounding_categories: list[str] = field(default_factory=list)
     padded_frames: int = 0
     report: dict[str, int] = field(default_factory=dict)  # counts found while looking, summed into the manifest
+    subset: str = ""  # AVSS: the version folder (v1s, v1m, v2) the clip was read from; "" elsewhere
 
 
 @dataclass

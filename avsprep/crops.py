@@ -80,6 +80,7 @@ class ClipRecord:
     other_masks: np.ndarray | None  # [T,S,S] uint8, 0/1
     other_label: int
     report: Counter = field(default_factory=Counter)
+    subset: str = ""  # AVSS: the clip's version folder (written only where the shards have `subset`)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -179,7 +180,8 @@ class ClipBuilder:
         audio = self._embed_audio(clip, report)
         label, sounding = self._labels(clip, box_names, arrays["masks"], arrays["mask_valid"])
         return ClipRecord(name=clip.name, split=clip.split, **arrays, audio=audio, label=label, sounding=sounding,
-                          other_label=self.class_index.get(clip.other_category or "", -1), report=report)
+                          other_label=self.class_index.get(clip.other_category or "", -1), report=report,
+                          subset=clip.subset)
 
     def _empty_arrays(self) -> dict[str, np.ndarray | None]:
         """The per-frame arrays of one clip, as a clip without masks or boxes has them."""
@@ -349,7 +351,7 @@ def run_crops(found: Discovery, config: CropsConfig,
         max_boxes=config.max_boxes, classes=found.classes, embedder=config.embedder,
         has_other_masks=found.has_other_masks, has_audio=found.has_audio,
         box_source="masks" if config.boxes_from_masks or found.mask_classes > 1 else "annotations",
-        mask_classes=found.mask_classes,
+        mask_classes=found.mask_classes, has_subset=any(clip.subset for clip in found.clips),
     )
     plans = shard_io.plan_shards(found.clips, out, settings, config.clips_per_shard,
                                  config.num_parts, config.part_index)

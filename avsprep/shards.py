@@ -86,6 +86,8 @@ SHARD_SCHEMA: tuple[ShardField, ...] = (
                only_if="has_other_masks"),
     ShardField("name", ("N",), "str", "clip name"),
     ShardField("split", ("N",), "str", "train, val or test"),
+    ShardField("subset", ("N",), "str", "AVSBench-semantic version folder of the clip: v1s, v1m or v2",
+               only_if="has_subset"),
 )
 STRING_DATASETS = tuple(field.name for field in SHARD_SCHEMA if field.is_string)
 
@@ -123,6 +125,8 @@ class ShardSettings:
     # 1: masks are 0/1; K > 1: class indices 0..K-1, 0 background, c the class list's c - 1 (AVSS, docs/design.md §14).
     mask_classes: int = 1
     has_frame_valid: bool = True  # shards written before issue 15 lack `frame_valid` (every frame real)
+    # AVSS: each clip's version folder (`subset`), so that predictions can go back into the download's layout.
+    has_subset: bool = False
 
 
 @dataclass
@@ -141,7 +145,10 @@ class ShardPlan:
     @property
     def fingerprint(self) -> str:
         """Identifies the planned content: settings and clip names."""
-        payload = json.dumps([asdict(self.settings), [clip.name for clip in self.clips]], sort_keys=True)
+        settings = asdict(self.settings)
+        if not settings["has_subset"]:  # added later: off, it leaves the identity of shards written before unchanged
+            del settings["has_subset"]
+        payload = json.dumps([settings, [clip.name for clip in self.clips]], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -361,6 +368,7 @@ def write_manifest(out: Path, settings: ShardSettings, infos: list[ShardInfo], c
         "box_source": settings.box_source,
         "mask_classes": settings.mask_classes,
         "has_frame_valid": settings.has_frame_valid,
+        "has_subset": settings.has_subset,
         "clips_per_shard": clips_per_shard,
         "num_parts": num_parts,
         "part_index": part_index,
@@ -388,6 +396,7 @@ def _settings_from_manifest(manifest: dict) -> ShardSettings:
         has_other_masks=manifest["has_other_masks"], has_audio=manifest["has_audio"],
         box_source=manifest.get("box_source", "annotations"),
         mask_classes=manifest.get("mask_classes", 1), has_frame_valid=manifest.get("has_frame_valid", False),
+        has_subset=manifest.get("has_subset", False),
     )
 
 

@@ -112,8 +112,9 @@ def evaluate(checkpoint, shards, split, suite, out, batch_size, workers, checkpo
 @click.option("--vggish-weights", type=EXISTING_FILE, help="With --video: for a checkpoint trained on VGGish audio.")
 @click.option("--vggish-pca", type=EXISTING_FILE, help="With --video: VGGish PCA parameters, if the shards used them.")
 @click.option("--layout", default="dataset", show_default=True, type=click.Choice(["dataset", "reference"]),
-              help="Semantic models: colour PNGs as <split>/<uid>/labels_rgb/<i>.png (real frames), or as the "
-                   "reference's save_color_mask writes them (<uid>/<uid>_<i>.png, all ten frames, 360x240).")
+              help="Semantic models: colour PNGs in the download's layout, <label>/<uid>/labels_rgb/<i>.png (label: "
+                   "v1s, v1m or v2; real frames), or as the reference's save_color_mask writes them "
+                   "(<uid>/<uid>_<i>.png, all ten frames, 360x240).")
 def predict(checkpoint, shards, video, audio, out_video, out, split, batch_size, overlays, frames_per_clip,
             vggish_weights, vggish_pca, layout):
     """Masks for every clip in the AVSBench layout (<split>/<category>/<clip>/<clip>_<k>.png), or for a video."""

@@ -1,8 +1,9 @@
 """Colour-mask predictions of a semantic model and the scoring of any method's colour PNGs (AVSS, docs/design.md §14).
 
 Predictions use the exact palette colours (`avsprep.palette`), resized nearest-neighbour. Two layouts:
-- "dataset": `<split>/<uid>/labels_rgb/<i>.png`, i from 0, the real frames only (the download's layout below the
-  version folder, which the shards do not record);
+- "dataset": `<label>/<uid>/labels_rgb/<i>.png`, i from 0, the real frames only: the download's own layout, `<label>`
+  the clip's version folder (v1s, v1m, v2) as the shards' `subset` records it. Shards written before `subset`
+  existed do not know it: their clips go under `<split>/` instead (with a warning);
 - "reference": `<uid>/<uid>_<i>.png` for all ten frames at 360×240, as the reference's `save_color_mask` writes.
 `score_semantic` reads either layout (and the reference's own output), maps colours to the nearest palette colour
 (other methods' resized PNGs blend edge colours) and resizes each prediction to its ground truth (nearest).
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from avsprep.errors import InputError
 from avsprep.palette import AVSS_CLASSES, classes_to_colours, colours_to_classes, nearest_palette_classes
+from avsprep.shards import HDF5_READ_ERRORS, open_shard
 from avstrain.data import ShardDataset
 from avstrain.metrics import SemanticMeter
 from avstrain.runtime import eval_mode
@@ -37,6 +39,26 @@ def _write_png(path: Path, classes: np.ndarray, size: tuple[int, int] | None) ->
     cv2.imwrite(str(path), classes_to_colours(classes)[..., ::-1])
 
 
+def clip_folders(dataset: ShardDataset) -> dict[str, str]:
+    """Clip name -> the folder above `<uid>/` in the dataset layout: the clip's AVSS version (`subset`), read from
+    the small 1-D datasets of the split's shards; the split for shards without `subset` (older imports)."""
+    if not dataset.manifest.get("has_subset"):
+        log.warning("%s records no AVSS version per clip (imported before `subset` existed): writing <split>/<uid>/ "
+                    "instead of <label>/<uid>/; re-import with `avsprep avsbench --subset avss` for the download's "
+                    "layout", dataset.shards_dir)
+        return {}
+    folders = {}
+    for file in sorted({file for file, _ in dataset.index}):
+        entry = next(entry for entry in dataset.manifest["shards"] if entry["file"] == file)
+        with open_shard(dataset.shards_dir, dataset.manifest, entry) as handle:
+            try:
+                names, subsets = handle["name"].asstr()[()], handle["subset"].asstr()[()]
+            except HDF5_READ_ERRORS as error:
+                raise InputError(dataset.shards_dir / file, f"cannot read shard ({error})") from None
+        folders.update(zip(names.tolist(), subsets.tolist()))
+    return folders
+
+
 def write_semantic_predictions(model: torch.nn.Module, shards_dir: str | Path, out: str | Path, split: str = "test",
                                device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None,
                                batch_size: int = 4, layout: str = "dataset",
@@ -46,11 +68,12 @@ def write_semantic_predictions(model: torch.nn.Module, shards_dir: str | Path, o
         raise InputError(None, f"--layout must be one of {', '.join(LAYOUTS)}, not {layout!r}")
     out, written = Path(out), 0
     dataset = ShardDataset(shards_dir, split, shuffle=False)
+    folders = clip_folders(dataset) if layout == "dataset" else {}
     with eval_mode(model.to(device)):
         for batch in DataLoader(dataset, batch_size=batch_size):
             classes = semantic_logits(model, batch, device, amp_dtype).argmax(2).numpy().astype(np.uint8)  # [B,T,S,S]
             for name, clip, valid in zip(batch["name"], classes, batch["frame_valid"].numpy()):
-                folder = out / split / name / "labels_rgb" if layout == "dataset" else out / name
+                folder = out / folders.get(name, split) / name / "labels_rgb" if layout == "dataset" else out / name
                 folder.mkdir(parents=True, exist_ok=True)
                 for i, frame in enumerate(clip):
                     if layout == "dataset" and not valid[i]:

@@ -98,7 +98,7 @@ def read_all(shards_dir):
     for entry in manifest["shards"]:
         with h5py.File(shards_dir / entry["file"]) as handle:
             for key in handle:
-                values = handle[key].asstr()[()] if key in ("name", "split") else handle[key][()]
+                values = handle[key].asstr()[()] if key in ("name", "split", "subset") else handle[key][()]
                 arrays.setdefault(key, []).append(values)
     return manifest, {key: np.concatenate(parts) for key, parts in arrays.items()}
 

@@ -38,6 +38,26 @@ def _random_state(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
     return _random_checkpoint(keys)
 
 
+def _finite_state(keys: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A random state dict of these keys whose forward pass stays finite: the shared helper's N(0, 1) everywhere
+    (negative BN variances, unscaled weights) turns a 1186-tensor PVT into NaN logits, which score as all background
+    whatever was loaded. Matrices and kernels N(0, 1/fan_in), norm scales near 1, variances in [0.5, 1.5)."""
+    gen, state = torch.Generator().manual_seed(0), {}
+    for key, shape in keys.items():
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.randint(1, 10**6, shape, generator=gen)
+        elif key.endswith("running_var"):
+            state[key] = torch.rand(shape, generator=gen) + 0.5
+        elif len(shape) == 1 and key.endswith("weight"):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=gen)
+        elif len(shape) == 1:
+            state[key] = 0.1 * torch.randn(shape, generator=gen)
+        else:
+            fan_in = max(1, int(np.prod(shape[1:])))
+            state[key] = torch.randn(shape, generator=gen) / fan_in ** 0.5
+    return state
+
+
 def _small(**overrides) -> ModelConfig:
     options = dict(backbone="resnet18", channels=16, image_size=64, mask_classes=4, audio_proj_bias=False,
                    tpavi_window=5)
@@ -272,6 +292,7 @@ def test_avss_tree_to_shards_field_by_field(tmp_path):
     assert data["sounding"][b].tolist() == [True, False, True] and data["sounding"][c].tolist() == [False, True, False]
     assert np.isfinite(data["boxes"][b, 0]).all(axis=1).sum() == 2  # one box per class (dog, car)
     assert data["crop_valid"][b, 0] and not data["crop_valid"][a, 5]
+    assert manifest["has_subset"] and [data["subset"][i] for i in (a, b, c)] == ["v1s", "v1m", "v2"]
 
 
 def test_avss_versions_and_bad_input(tmp_path):
@@ -329,7 +350,7 @@ def test_avss_recipe_smoke_and_semantic_eval(avss_shards, tmp_path):
     from avstrain.evaluate import reliance_suite
     from avstrain.semantic_predict import score_semantic, write_semantic_predictions
 
-    assert write_semantic_predictions(model, avss_shards, tmp_path / "pred", "test") == 10
+    _predict_through_cli(tmp_path / "run" / "last.pt", avss_shards, tmp_path / "pred")
     assert write_semantic_predictions(model, avss_shards, tmp_path / "ref", "test", layout="reference") == 10
     assert cv2.imread(str(tmp_path / "ref" / "c_v2" / "c_v2_9.png")).shape == (240, 360, 3)
     home = avss_shards.parent / "AVSBench-semantic"
@@ -344,6 +365,32 @@ def test_avss_recipe_smoke_and_semantic_eval(avss_shards, tmp_path):
 
     loaded, _, _ = load_for_inference(tmp_path / "run" / "last.pt")  # the head as the shards sized it
     assert loaded.config.mask_classes == 4
+
+
+def _predict_through_cli(checkpoint, shards, out):
+    """`avstrain predict` on semantic shards writes the download's layout, <label>/<uid>/labels_rgb/<i>.png: the
+    clip's version folder, i from 0, real frames only (the v1m clip's five, the v2 clip's ten)."""
+    from avstrain.cli import main as avstrain_main
+
+    for split in ("val", "test"):
+        result = CliRunner().invoke(avstrain_main, ["predict", "--checkpoint", str(checkpoint), "--shards",
+                                                    str(shards), "--out", str(out), "--split", split],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    written = sorted(str(path.relative_to(out)) for path in out.rglob("*.png"))
+    assert written == sorted([*(f"v1m/b_v1m/labels_rgb/{i}.png" for i in range(5)),
+                              *(f"v2/c_v2/labels_rgb/{i}.png" for i in range(10))])
+    assert cv2.imread(str(out / "v2" / "c_v2" / "labels_rgb" / "9.png")).shape == (32, 32, 3)
+
+
+def test_prediction_folders_of_shards_without_subset(caplog):
+    """Shards imported before `subset` existed do not know a clip's version: `<split>/` stands in, with a warning."""
+    from types import SimpleNamespace
+
+    from avstrain.semantic_predict import clip_folders
+
+    assert clip_folders(SimpleNamespace(manifest={"has_frame_valid": True}, shards_dir="old")) == {}
+    assert "<split>/<uid>/" in caplog.text
 
 
 def test_synth_semantic_tree_imports(tmp_path):
@@ -382,3 +429,31 @@ def test_released_avss_layout_evaluates_through_format_avsbench(tmp_path):
     assert result.exit_code == 0, result.output
     scores = json.loads((tmp_path / "AVSS_R50-eval-test.json").read_text())
     assert list(scores["per_class"]) == names and scores["overall"]["frames"] == 10
+
+
+def test_released_avss_pvt_layout_evaluates_through_format_avsbench(tmp_path):
+    """A random state dict of exactly the 1186 keys of the released AVSS PVT-v2-b5 layout, evaluated by the CLI
+    with the PVT AVSS config (224 px, one 10-frame test clip): the semantic JSON, every class by name, and the
+    figures of the same weights loaded in memory (so the loaded weights decide them, not a NaN default)."""
+    pytest.importorskip("timm")
+    from avstrain.cli import main as avstrain_main
+    from avstrain.config import load_config
+    from avstrain.evaluate import evaluate
+
+    names = ["background", *(f"class_{i:02d}" for i in range(1, 71))]
+    assert _import(make_avss_tree(tmp_path, names), tmp_path / "shards").exit_code == 0
+    state = _finite_state(_tsv_keys("avsbench_avss_pvt_v2_b5_keys.tsv"))
+    torch.save(state, tmp_path / "AVSS_PVT.pth")
+    recipe = REFERENCE.parents[2] / "configs" / "avsbench-avss-pvt.toml"
+    result = CliRunner().invoke(avstrain_main, [
+        "eval", "--checkpoint", str(tmp_path / "AVSS_PVT.pth"), "--format", "avsbench", "--config", str(recipe),
+        "--shards", str(tmp_path / "shards"), "--split", "test", "--set", "train.amp=fp32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((tmp_path / "AVSS_PVT-eval-test.json").read_text())
+    assert list(scores["per_class"]) == names and scores["overall"]["frames"] == 10
+    model = build_model(load_config(recipe, ["train.amp=fp32"]).model)
+    load_avsbench_checkpoint(model, state)
+    expected = evaluate(model, tmp_path / "shards", split="test")["overall"]
+    assert scores["overall"]["miou"] == pytest.approx(expected["miou"], abs=1e-6)
+    assert scores["overall"]["f"] == pytest.approx(expected["f"], abs=1e-6)
+    assert scores["overall"]["miou"] != pytest.approx(15 / 16 / 71)  # not all background (the square is 1/16)

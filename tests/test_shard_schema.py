@@ -47,6 +47,7 @@ def test_expected_shapes_follow_the_table():
     assert shapes["frames"] == ((7, 5, 64, 64, 3), "uint8") and shapes["crops"] == ((7, 5, 32, 32, 3), "uint8")
     assert shapes["boxes"] == ((7, 5, 4, 4), "float32") and shapes["audio"] == ((7, 5, EMBEDDING_DIM), "float32")
     assert shapes["sounding"] == ((7, 3), "bool") and shapes["name"] == ((7,), "object")
-    with_other = expected_shapes({**manifest, "has_other_masks": True, "has_frame_valid": True}, 7)
+    with_other = expected_shapes({**manifest, "has_other_masks": True, "has_frame_valid": True, "has_subset": True}, 7)
     assert with_other["other_masks"] == ((7, 5, 64, 64), "uint8") and with_other["other_label"] == ((7,), "int16")
     assert list(with_other) == [field.name for field in SHARD_SCHEMA]
+    assert with_other["subset"] == ((7,), "object") and "subset" not in shapes
