@@ -364,13 +364,13 @@ def hearing(model: nn.Module, shards_dir: str | Path, split: str = "val", device
     names the other object. Over the clips with another visible object and a donor: "miou_true", "miou_swap",
     "gap" = miou_true − miou_swap, the mean sigmoid probability inside the sounding object ("p_target") and inside
     the silent one ("p_other") with the true audio, and inside the silent one given its class's audio
-    ("p_other_swap"); "clips" scored. Shards without other-object masks score no clip (every figure 0).
+    ("p_other_swap"); "clips" scored; "split". Shards without other-object masks score no clip (every figure 0).
     """
     device = torch.device(device)
     dataset = eval_dataset(shards_dir, split)
     scores = _Hearing()
     if not dataset.manifest.get("has_other_masks"):
-        return scores.result()
+        return {"split": split, **scores.result()}
     table = read_split_table(dataset, with_audio=True)
     donors, donor_audio = DonorPicker(table.labels, seed), torch.from_numpy(table.audio)  # [N,T,128]
     model.to(device)
@@ -389,7 +389,7 @@ def hearing(model: nn.Module, shards_dir: str | Path, split: str = "val", device
                     shape = sub["masks"][k].shape  # [T,S,S]
                     scores.add(own[k].reshape(shape)[valid], swapped[k].reshape(shape)[valid],
                                sub["masks"][k][valid], sub["other_masks"][k][valid])
-    return scores.result()
+    return {"split": split, **scores.result()}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -397,7 +397,11 @@ def hearing(model: nn.Module, shards_dir: str | Path, split: str = "val", device
 
 
 def format_table(results: dict) -> str:
-    """A plain-text table of an `evaluate`, a `reliance_suite` or a `localisation_suite` result."""
+    """A plain-text table of an `evaluate`, a `reliance_suite`, a `hearing` or a `localisation_suite` result."""
+    if "gap" in results:
+        rows = [[name, results[name]] for name in ("miou_true", "miou_swap", "gap", "p_target", "p_other",
+                                                   "p_other_swap", "clips")]
+        return "\n".join([f"hearing, split {results.get('split', '?')}"] + text_table(["figure", "value"], rows))
     if "kind" in results:
 
         return format_localisation_table(results)

@@ -363,6 +363,7 @@ def test_hearing_of_a_model_that_follows_the_sound_and_of_one_that_does_not(shar
     assert deaf["gap"] == pytest.approx(0.0) and deaf["p_other_swap"] < 0.01
     # The same numbers whatever the batching (donors are drawn per clip).
     again = evaluation.hearing(SoundOracle(clips), shards, split="train", batch_size=3)
+    assert again.pop("split") == heard.pop("split") == "train"
     assert again == pytest.approx(heard)
 
 

@@ -114,6 +114,12 @@ def test_cli_train_eval_and_bad_input(shards, tmp_path):
     assert result.exit_code == 0, result.output
     reliance = json.loads((tmp_path / "cli" / "reliance.json").read_text())
     assert {"true", "swap", "silence", "noise", "offscreen"} <= set(reliance)
+    result = runner.invoke(avstrain_main, ["eval", "--checkpoint", str(checkpoint), "--shards", str(shards),
+                                           "--suite", "hearing", "--split", "val"])
+    assert result.exit_code == 0, result.output
+    assert "hearing, split val" in result.output and "miou_swap" in result.output
+    heard = json.loads((tmp_path / "cli" / "hearing.json").read_text())
+    assert heard["split"] == "val" and heard["clips"] > 0 and heard["gap"] == heard["miou_true"] - heard["miou_swap"]
 
     bad = tmp_path / "bad.pt"
     torch.save([1, 2, 3], bad)
