@@ -192,14 +192,16 @@ def _predict_shards(model, runtime, shards, out, split, batch_size, overlays, la
 @click.option("--semantic", is_flag=True, help="AVSS colour masks: the official semantic mIoU and F (--gt: the "
                                                "AVSBench-semantic folder; --pred: either predict layout).")
 @click.option("--num-classes", default=71, show_default=True, type=click.IntRange(2), help="With --semantic: K.")
-def score(pred, gt, layout, index_base, csv_path, out, semantic, num_classes):
+@click.option("--split", help="With --semantic: score only this split's clips of --gt's metadata.csv (e.g. test; "
+                              "default: every ground-truth mask under --gt).")
+def score(pred, gt, layout, index_base, csv_path, out, semantic, num_classes, split):
     """Score any method's predicted masks against ground truth: mIoU, F, F_avsbench, FPR on empty targets."""
     from avstrain.predict import score_directories
 
     if semantic:
         from avstrain.semantic_predict import score_semantic
 
-        results = score_semantic(pred, gt, num_classes)
+        results = score_semantic(pred, gt, num_classes, split)
         if out:
             out.write_text(json.dumps(results, indent=1) + "\n")
         click.echo(f"{results['clips']} clips, {results['frames']} frames with ground truth: semantic mIoU "
@@ -207,7 +209,8 @@ def score(pred, gt, layout, index_base, csv_path, out, semantic, num_classes):
                    f"predictions mapped to the nearest palette colour, predictions resized to the ground truth "
                    f"(nearest); {results['missing_predictions']} frames without a prediction scored as background")
         return
-
+    if split is not None:
+        raise InputError(None, "--split goes with --semantic (S4/MS3 predictions are already in split folders)")
     results = score_directories(pred, gt, int(index_base), csv_path)
     if out:
         out.write_text(json.dumps(results, indent=1) + "\n")

@@ -110,10 +110,28 @@ def _read_rgb(path: Path) -> np.ndarray:
     return image[..., ::-1]
 
 
-def score_semantic(pred: str | Path, gt: str | Path, num_classes: int = AVSS_CLASSES) -> dict:
+def split_uids(gt: str | Path, split: str) -> set[str]:
+    """The uids of one split of the download's `metadata.csv` (in `gt` or `gt/AVSBench-semantic`). InputError when
+    there is none, or the split has no clip."""
+    from avsprep.avss import VERSIONS, locate_avss, read_avss_rows
+
+    home = locate_avss(Path(gt))
+    uids = {row.uid for row in read_avss_rows(home / "metadata.csv", VERSIONS) if row.split == split}
+    if not uids:
+        raise InputError(home / "metadata.csv", f"no clip of split {split!r}")
+    return uids
+
+
+def score_semantic(pred: str | Path, gt: str | Path, num_classes: int = AVSS_CLASSES,
+                   split: str | None = None) -> dict:
     """The official metric of predicted colour PNGs against ground-truth colour masks, matched by (uid, frame).
-    Frames with a ground truth count; a missing prediction counts as all background (and is counted)."""
+    Frames with a ground truth count; a missing prediction counts as all background (and is counted). `split`: only
+    the clips of that split of the download's metadata.csv (the whole download holds every split's masks, so a
+    prediction of the test split would otherwise be scored against train and val frames it never predicted)."""
     predictions, truths = _index(pred), _index(gt)
+    if split is not None:
+        uids = split_uids(gt, split)
+        truths = {key: path for key, path in truths.items() if key[0] in uids}
     if not truths:
         raise InputError(gt, "no ground-truth colour masks (<uid>/labels_rgb/<i>.png) here")
     meter, missing, off_palette = SemanticMeter(num_classes), 0, 0

@@ -359,6 +359,16 @@ def test_avss_recipe_smoke_and_semantic_eval(avss_shards, tmp_path):
         assert scored["frames"] == 10 and scored["missing_predictions"] == 0
     assert score_semantic(tmp_path / "pred", home / "v2", num_classes=4)["miou"] == pytest.approx(
         overall["miou_real_frames"], abs=1e-9)
+    # the whole download holds every split's masks: --split keeps the test clips (the train clip has no prediction)
+    from avstrain.cli import main as avstrain_main
+
+    result = CliRunner().invoke(avstrain_main, ["score", "--semantic", "--pred", str(tmp_path / "pred"), "--gt",
+                                                str(home), "--num-classes", "4", "--split", "test", "--out",
+                                                str(tmp_path / "scored.json")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    scored = json.loads((tmp_path / "scored.json").read_text())
+    assert scored["frames"] == 10 and scored["clips"] == 1 and scored["missing_predictions"] == 0
+    assert scored["miou"] == pytest.approx(overall["miou_real_frames"], abs=1e-9)
     reliance = reliance_suite(model, avss_shards, split="test")
     assert set(reliance) >= {"true", "swap", "silence", "noise"} and 0 <= reliance["silence"]["fpr"] <= 1
     from avstrain.runtime import load_for_inference
