@@ -423,47 +423,46 @@ def test_synth_semantic_tree_imports(tmp_path):
     assert labelled.max() <= 5 and (labelled > 0).any()
 
 
-def test_released_avss_layout_evaluates_through_format_avsbench(tmp_path):
-    """A random state dict in the released AVSS ResNet-50 layout, evaluated by the CLI with the AVSS config on
-    71-class shards: the semantic JSON, every class by name."""
-    from avstrain.cli import main as avstrain_main
-
-    names = ["background", *(f"class_{i:02d}" for i in range(1, 71))]
-    home = make_avss_tree(tmp_path, names)
-    assert _import(home, tmp_path / "shards").exit_code == 0
-    torch.save(_random_state(_tsv_keys("avsbench_avss_resnet50_keys.tsv")), tmp_path / "AVSS_R50.pth")
-    result = CliRunner().invoke(avstrain_main, [
-        "eval", "--checkpoint", str(tmp_path / "AVSS_R50.pth"), "--format", "avsbench", "--config",
-        str(REFERENCE.parents[2] / "configs" / "avsbench-avss-r50.toml"), "--shards", str(tmp_path / "shards"),
-        "--split", "test", "--set", "train.amp=fp32"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    scores = json.loads((tmp_path / "AVSS_R50-eval-test.json").read_text())
-    assert list(scores["per_class"]) == names and scores["overall"]["frames"] == 10
-
-
-def test_released_avss_pvt_layout_evaluates_through_format_avsbench(tmp_path):
-    """A random state dict of exactly the 1186 keys of the released AVSS PVT-v2-b5 layout, evaluated by the CLI
-    with the PVT AVSS config (224 px, one 10-frame test clip): the semantic JSON, every class by name, and the
-    figures of the same weights loaded in memory (so the loaded weights decide them, not a NaN default)."""
-    pytest.importorskip("timm")
+def _eval_released_layout(tmp_path, keys_file: str, recipe_name: str) -> tuple[dict, dict]:
+    """A finite random state dict of exactly the keys of `keys_file`, saved as a released AVSS checkpoint and
+    evaluated by the CLI (`eval --format avsbench --config configs/<recipe_name>`, 224 px, one 10-frame test clip of
+    71-class shards). Returns (the eval JSON, `evaluate` of the same weights loaded in memory: overall)."""
     from avstrain.cli import main as avstrain_main
     from avstrain.config import load_config
     from avstrain.evaluate import evaluate
 
     names = ["background", *(f"class_{i:02d}" for i in range(1, 71))]
     assert _import(make_avss_tree(tmp_path, names), tmp_path / "shards").exit_code == 0
-    state = _finite_state(_tsv_keys("avsbench_avss_pvt_v2_b5_keys.tsv"))
-    torch.save(state, tmp_path / "AVSS_PVT.pth")
-    recipe = REFERENCE.parents[2] / "configs" / "avsbench-avss-pvt.toml"
+    state = _finite_state(_tsv_keys(keys_file))
+    torch.save(state, tmp_path / "AVSS.pth")
+    recipe = REFERENCE.parents[2] / "configs" / recipe_name
     result = CliRunner().invoke(avstrain_main, [
-        "eval", "--checkpoint", str(tmp_path / "AVSS_PVT.pth"), "--format", "avsbench", "--config", str(recipe),
+        "eval", "--checkpoint", str(tmp_path / "AVSS.pth"), "--format", "avsbench", "--config", str(recipe),
         "--shards", str(tmp_path / "shards"), "--split", "test", "--set", "train.amp=fp32"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    scores = json.loads((tmp_path / "AVSS_PVT-eval-test.json").read_text())
+    scores = json.loads((tmp_path / "AVSS-eval-test.json").read_text())
     assert list(scores["per_class"]) == names and scores["overall"]["frames"] == 10
     model = build_model(load_config(recipe, ["train.amp=fp32"]).model)
     load_avsbench_checkpoint(model, state)
-    expected = evaluate(model, tmp_path / "shards", split="test")["overall"]
+    return scores, evaluate(model, tmp_path / "shards", split="test")["overall"]
+
+
+def _assert_loaded_weights_decide(scores: dict, expected: dict) -> None:
     assert scores["overall"]["miou"] == pytest.approx(expected["miou"], abs=1e-6)
     assert scores["overall"]["f"] == pytest.approx(expected["f"], abs=1e-6)
     assert scores["overall"]["miou"] != pytest.approx(15 / 16 / 71)  # not all background (the square is 1/16)
+
+
+def test_released_avss_layout_evaluates_through_format_avsbench(tmp_path):
+    """The released AVSS ResNet-50 layout (626 keys) through the CLI with the R50 AVSS config: the semantic JSON,
+    every class by name, and the figures of the same weights in memory (so the loaded weights decide them)."""
+    _assert_loaded_weights_decide(*_eval_released_layout(tmp_path, "avsbench_avss_resnet50_keys.tsv",
+                                                         "avsbench-avss-r50.toml"))
+
+
+def test_released_avss_pvt_layout_evaluates_through_format_avsbench(tmp_path):
+    """The released AVSS PVT-v2-b5 layout (1186 keys, `encoder_backbone.*` onto timm) through the CLI with the PVT
+    AVSS config, checked the same way."""
+    pytest.importorskip("timm")
+    _assert_loaded_weights_decide(*_eval_released_layout(tmp_path, "avsbench_avss_pvt_v2_b5_keys.tsv",
+                                                         "avsbench-avss-pvt.toml"))
