@@ -54,7 +54,8 @@ def train(config_path, shards, name, runs, overrides, resume):
 @click.option("--shards", required=True, type=EXISTING_DIR)
 @click.option("--split", default="test", show_default=True)
 @click.option("--suite", help="An evaluation suite of the model's kind besides the default one (tpavi: reliance, "
-                               "the audio-reliance suite: true, swap, silence, noise, off-screen; every kind: "
+                               "the audio-reliance suite: true, swap, silence, noise, off-screen; tpavi: hearing, own vs "
+                               "swapped audio against the true mask, docs/design.md §17; every kind: "
                                "localisation, heat maps, correspondence and retrieval, docs/design.md §13).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON output (default: eval-<split>.json or reliance.json beside the checkpoint; "
