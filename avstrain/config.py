@@ -213,6 +213,8 @@ class TrainConfig:
             raise ValueError(f"train.negatives is a probability, got {self.negatives}")
         if self.negatives_start not in NEGATIVES_STARTS:
             raise ValueError(f"train.negatives_start must be one of {NEGATIVES_STARTS}, got {self.negatives_start!r}")
+        if not 0 < self.hears_margin <= 1:
+            raise ValueError(f"train.hears_margin is an mIoU difference in (0, 1], got {self.hears_margin}")
 
 
 @dataclass

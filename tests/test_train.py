@@ -247,6 +247,8 @@ def test_negatives_active_by_epoch_and_by_hearing():
     assert [negatives_active(hears, e, 3) for e in range(5)] == [False, False, False, True, True]
     with pytest.raises(ConfigError, match="negatives_start"):
         tiny_config("train.negatives_start=soon")
+    with pytest.raises(ConfigError, match="hears_margin"):
+        tiny_config("train.hears_margin=0")
 
 
 def _hears_after(epochs_heard, monkeypatch):
