@@ -167,23 +167,30 @@ def negatives_active(config: Config, epoch: int, heard_epoch: int) -> bool:
     return config.train.negatives_start == "epoch" or 0 <= heard_epoch <= epoch
 
 
-def for_vision_only(config: Config) -> Config:
-    """A vision-only model (`model.audio = false`) has no TPAVI, so no localisation scores for `loss.av`: the
-    baseline of a config that uses it trains without it (as it trains without negative audio)."""
-    if config.model.audio or not config.loss.av:
-        return config
-    log.warning("model.audio = false: loss.av = %s is ignored", config.loss.av)
-    return dataclasses.replace(config, loss=dataclasses.replace(config.loss, av=0.0))
+def fit_to_run(config: Config, manifest: dict) -> Config:
+    """The config as this run can train it, each change logged (and recorded in config.toml and the checkpoints).
+
+    A vision-only model (`model.audio = false`) sees the same frames with and without their sound: negative audio
+    would only teach it to predict nothing, and without TPAVI there are no scores for `loss.av`; the baseline trains
+    on the true targets alone. `train.negatives_start = "hears"` swaps in the other visible object's audio: shards
+    without other-object masks leave nothing to measure, so negatives start by epoch.
+    """
+    train, loss = config.train, config.loss
+    if not config.model.audio:
+        for section, name in (("train", "negatives"), ("loss", "av")):
+            if getattr(getattr(config, section), name):
+                log.warning("model.audio = false: %s.%s = %s is ignored", section, name,
+                            getattr(getattr(config, section), name))
+        train, loss = dataclasses.replace(train, negatives=0.0), dataclasses.replace(loss, av=0.0)
+    if train.negatives_start == "hears" and train.negatives and not manifest.get("has_other_masks"):
+        log.warning("train.negatives_start = 'hears' needs shards with other-object masks (avsprep crops "
+                    "--other-masks); these have none, so negatives start by epoch (train.negatives_from_epoch)")
+        train = dataclasses.replace(train, negatives_start="epoch")
+    return dataclasses.replace(config, train=train, loss=loss)
 
 
 def make_negatives(config: Config, shards_dir: Path, generator: torch.Generator) -> NegativeAudio:
-    probability = config.train.negatives
-    if probability and not config.model.audio:
-        # A model that cannot hear sees the same frames with and without their sound: negative audio would only
-        # teach it to predict nothing. The vision-only baseline trains on the true targets alone.
-        log.warning("model.audio = false: train.negatives = %s is ignored", probability)
-        probability = 0.0
-    return NegativeAudio(shards_dir, probability, config.train.negative_kinds, generator)
+    return NegativeAudio(shards_dir, config.train.negatives, config.train.negative_kinds, generator)
 
 
 def to_device(batch: dict, device: torch.device, fields: tuple[str, ...], image_size: int) -> dict:
@@ -378,6 +385,7 @@ def _schedule(config: Config, dataset: ShardDataset) -> tuple[int, int]:
 def _set_up(config: Config, shards_dir: Path, run_dir: Path, dist: Distributed) -> tuple[Session, RunState]:
     """Seeds, device and precision, data, model, optimiser, negative audio, the checkpoint saver."""
     manifest = read_manifest(shards_dir)
+    config = fit_to_run(config, manifest)
     seed_everything(config.train.seed, config.train.threads)
     device = training_device()
     amp_dtype = resolve_amp(config.train.amp, device)
@@ -389,11 +397,6 @@ def _set_up(config: Config, shards_dir: Path, run_dir: Path, dist: Distributed) 
     if (config.train.negatives_start == "hears" or config.eval.hearing) and "hearing" not in kind.suites():
         raise ConfigError(f"train.negatives_start = 'hears' and eval.hearing need a hearing check, which "
                           f"model.kind = {kind.name!r} does not have")
-    if config.train.negatives_start == "hears" and config.train.negatives and not manifest.get("has_other_masks"):
-        # The check swaps in the other visible object's audio: without its mask there is nothing to measure.
-        log.warning("train.negatives_start = 'hears' needs shards with other-object masks (avsprep crops "
-                    "--other-masks); these have none, so negatives start by epoch (train.negatives_from_epoch)")
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, negatives_start="epoch"))
     model = build_for_shards(config, manifest)
     kind.prepare(model, config, shards_dir)  # a resumed run overwrites it from last.pt
     model = model.to(device)
@@ -452,7 +455,6 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     A resume restores every rank's RNGs and data position.
     """
     shards_dir, run_dir = Path(shards_dir), Path(run_dir)
-    config = for_vision_only(config)
     dist = init_distributed()
     run_dir.mkdir(parents=True, exist_ok=True)
     session, run = _set_up(config, shards_dir, run_dir, dist)
@@ -485,6 +487,6 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     return {"best_metric": run.best_metric, "last": last_metrics, "steps": run.step, "model": session.model}
 
 
-__all__ = ["Distributed", "NegativeAudio", "Session", "end_distributed", "for_vision_only", "init_distributed",
+__all__ = ["Distributed", "NegativeAudio", "Session", "end_distributed", "fit_to_run", "init_distributed",
            "learning_rate", "make_negatives", "make_optimizer", "metric_value", "negatives_active", "seed_everything",
            "to_device", "train", "train_one_epoch", "train_step", "training_dataset", "validate", "waits_to_hear"]

@@ -50,15 +50,16 @@ def _file_audio(path: Path, block: int = 65536) -> tuple[Iterator[np.ndarray], i
     return blocks, info.samplerate, info.channels
 
 
-def _maps_at(maps: np.ndarray, width: int, height: int) -> Callable[[int], np.ndarray]:
-    """second -> maps[second] [height, width] float32, resized bilinearly; the last one computed is kept (frames
+def _maps_at(maps: np.ndarray, width: int, height: int,
+             then: Callable[[np.ndarray], np.ndarray] = lambda resized: resized) -> Callable[[int], np.ndarray]:
+    """second -> then(maps[second] resized bilinearly to [height, width]); the last one computed is kept (frames
     come in time order, about 25 to a second)."""
     cache: dict[int, np.ndarray] = {}
 
     def resized(second: int) -> np.ndarray:
         if second not in cache:
             cache.clear()
-            cache[second] = cv2.resize(maps[second], (width, height), interpolation=cv2.INTER_LINEAR)
+            cache[second] = then(cv2.resize(maps[second], (width, height), interpolation=cv2.INTER_LINEAR))
         return cache[second]
 
     return resized
@@ -70,8 +71,8 @@ def _painter(probabilities: np.ndarray | None, heat: np.ndarray | None, width: i
     if (probabilities is None) == (heat is None):
         raise ValueError("give exactly one of probabilities and heat")
     if probabilities is not None:
-        mask = _maps_at(probabilities.astype(np.float32), width, height)
-        return (lambda frame, second: mask_overlay(frame, mask(second) > 0.5)), len(probabilities), "mask"
+        mask = _maps_at(probabilities.astype(np.float32), width, height, then=lambda resized: resized > 0.5)
+        return (lambda frame, second: mask_overlay(frame, mask(second))), len(probabilities), "mask"
     low, high = heat_scale(heat)
     hot = _maps_at(heat.astype(np.float32), width, height)
     return (lambda frame, second: heat_overlay(frame, hot(second), low, high)), len(heat), "heat map"
