@@ -20,8 +20,10 @@ folder each (<runs>/<name>-s<seed>/). The one change every run may share is a sh
 (`optim.epochs=N`). Execution settings that do not change the recipe: `train.workers=0` (the runs are pool processes,
 which may not start loader processes of their own), `train.threads` (--threads), `train.seed`.
 
-Finished steps are reused: a raw set with meta.csv, shards with manifest.json, a run folder with reliance.json. So
-an interrupted run resumes, and a later session re-running the tool only computes what is missing. `--clips N` and
+Finished steps are reused: a raw set with meta.csv, shards with manifest.json, a run folder with reliance.json, and
+a run recorded in the summary file (its figures, under "runs") when the summary was made with the same config file
+(by sha256), overrides, clips and frame size. So an interrupted run resumes, and a later session, even on a new
+machine without the run folders, only computes what is missing. `--clips N` and
 `--epochs N` are part of the folder names (`-c<N>`, `-e<N>`), so a smoke run never mixes with the full one.
 
 Writes the summary (default docs/generalise-summary.json: per dataset the synth options, per-seed and mean/std
@@ -40,6 +42,7 @@ synth + crops per dataset: some 245 CPU-minutes (about 2 h wall with --jobs 2) a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import multiprocessing
@@ -114,6 +117,27 @@ def _run_job(job: tuple[str, int, argparse.Namespace]) -> dict:
     return run_dataset(*job)
 
 
+def run_key(name: str, seed: int) -> str:
+    return f"{name}-s{seed}"
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    """What makes two summaries' runs the same experiment (the config by content, not by name)."""
+    return {"config": str(args.config), "config_sha256": hashlib.sha256(args.config.read_bytes()).hexdigest(),
+            "overrides": [f"optim.epochs={args.epochs}"] if args.epochs else [], "clips": args.clips,
+            "frame_size": args.size, "shard_size": SHARD_SIZE}
+
+
+def recorded_runs(args: argparse.Namespace) -> dict[str, dict]:
+    """run key -> {figures..., "seconds"} of the runs in the existing summary file, if it is the same recipe."""
+    if not args.summary.is_file():
+        return {}
+    previous = json.loads(args.summary.read_text())
+    if {key: previous.get(key) for key in recipe(args)} != recipe(args):
+        return {}
+    return previous.get("runs", {})
+
+
 def figures(results: dict) -> dict[str, float]:
     """The table's numbers of one run's reliance results (NaN where a condition scored no clip)."""
     nan = float("nan")
@@ -170,32 +194,39 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def train_missing(jobs: list[tuple[str, int, argparse.Namespace]], runs: dict[str, dict],
+                  args: argparse.Namespace) -> None:
+    """Prepare the data of and train every job not in `runs` (or reuse its run folder); add its figures to `runs`."""
+    todo = [job for job in jobs if run_key(*job[:2]) not in runs]
+    for name in dict.fromkeys(name for name, _, _ in todo):
+        prepare(name, args)
+    # Run folders with reliance.json are read below; only the others start pool processes (each imports torch).
+    untrained = [job for job in todo if not (run_dir(*job) / "reliance.json").is_file()]
+    if args.jobs > 1 and len(untrained) > 1:
+        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+            pool.map(_run_job, untrained, chunksize=1)
+    for job in todo:
+        results = _run_job(job)
+        runs[run_key(*job[:2])] = {**figures(results), "seconds": results["seconds"]}
+
+
 def main() -> None:
     args = parse_args()
     start = time.perf_counter()
-    for name in args.datasets:
-        prepare(name, args)
-    prepared = time.perf_counter() - start
     jobs = [(name, seed, args) for seed in (0, 1) for name in args.datasets
             if seed == 0 or name in args.second_seed_on]
-    # Finished runs are read here; only the others start pool processes (each imports torch: seconds).
-    todo = [job for job in jobs if not (run_dir(*job) / "reliance.json").is_file()]
-    if args.jobs > 1 and len(todo) > 1:
-        with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
-            pool.map(_run_job, todo, chunksize=1)
-    results = [_run_job(job) for job in jobs]
-    datasets = {name: {"synth_options": DATASETS[name],
-                       "seeds": [seed for (job_name, seed, _) in jobs if job_name == name],
-                       **summarise([figures(r) for (job_name, _, _), r in zip(jobs, results) if job_name == name])}
-                for name in args.datasets}
+    runs = recorded_runs(args)
+    train_missing(jobs, runs, args)
+    # The table: every dataset with a run of this recipe, those of earlier calls included.
+    seeds = {name: [seed for seed in (0, 1) if run_key(name, seed) in runs] for name in DATASETS}
+    datasets = {name: {"synth_options": DATASETS[name], "seeds": seeds[name],
+                       **summarise([runs[run_key(name, seed)] for seed in seeds[name]])}
+                for name in DATASETS if seeds[name]}
     table = markdown_table(datasets)
     wall = time.perf_counter() - start
     args.summary.parent.mkdir(parents=True, exist_ok=True)
     args.summary.write_text(json.dumps({
-        "config": str(args.config), "overrides": [f"optim.epochs={args.epochs}"] if args.epochs else [],
-        "clips": args.clips, "frame_size": args.size, "shard_size": SHARD_SIZE, "targets": TARGETS,
-        "run_seconds": {f"{name}-s{seed}": r["seconds"] for (name, seed, _), r in zip(jobs, results)},
-        "prepare_seconds_this_call": prepared, "wall_seconds_this_call": wall, "jobs": args.jobs,
+        **recipe(args), "targets": TARGETS, "runs": runs, "wall_seconds_this_call": wall, "jobs": args.jobs,
         "datasets": datasets, "table": table}, indent=1) + "\n")
     args.summary.with_suffix(".md").write_text(table)
     print(f"\n{len(jobs)} runs, {args.jobs} at a time; this call {wall / 60:.1f} min wall\n\n{table}")
