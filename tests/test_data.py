@@ -115,3 +115,91 @@ def test_open_shards_are_bounded_and_reads_stay_exact(tmp_path):
     with h5py.File(out / "shard-00003.h5", "r") as handle:
         name = handle["name"].asstr()[0]
         assert torch.equal(seen[name][0], torch.as_tensor(handle["frames"][0]))
+
+
+def _reference_augmentation(clip, augmentation, rng):
+    """The augmentation as NumPy copies wrote it before it went in place through OpenCV: the outputs must not move."""
+    import numpy as np
+
+    if rng.random() < augmentation.flip:
+        for key in ("frames", "masks", "other_masks", "crops"):
+            if key in clip:
+                clip[key] = np.ascontiguousarray(clip[key][:, :, ::-1])
+        boxes = clip["boxes"].copy()
+        boxes[..., 0], boxes[..., 2] = 1.0 - clip["boxes"][..., 2], 1.0 - clip["boxes"][..., 0]
+        clip["boxes"] = boxes
+    brightness = 1.0 + rng.uniform(-augmentation.brightness, augmentation.brightness)
+    contrast = 1.0 + rng.uniform(-augmentation.contrast, augmentation.contrast)
+    for key in ("frames", "crops"):
+        mean = clip[key].mean(dtype=np.float32)
+        table = np.clip((np.arange(256, dtype=np.float32) - mean) * contrast + mean * brightness, 0, 255)
+        clip[key] = table.astype(np.uint8)[clip[key]]
+
+
+def test_augmentation_in_place_gives_the_reference_outputs():
+    import numpy as np
+
+    from avstrain.data import _apply_augmentation
+
+    rng = np.random.default_rng(0)
+    for seed in range(40):
+        t, s = 1 + seed % 5, (16, 33, 224)[seed % 3]
+        clip = {"frames": rng.integers(0, 256, (t, s, s, 3), dtype=np.uint8),
+                "crops": rng.integers(100, 256, (t, 24, 24, 3), dtype=np.uint8),
+                "masks": rng.integers(0, 2, (t, s, s), dtype=np.uint8),
+                "other_masks": rng.integers(0, 2, (t, s, s), dtype=np.uint8),
+                "boxes": rng.random((t, 4, 4), dtype=np.float32)}
+        expected = {key: value.copy() for key, value in clip.items()}
+        augmentation = Augmentation(flip=(0.5, 1.0)[seed % 2])
+        _reference_augmentation(expected, augmentation, np.random.default_rng(seed))
+        _apply_augmentation(clip, augmentation, np.random.default_rng(seed))
+        for key in clip:
+            assert clip[key].dtype == expected[key].dtype and np.array_equal(clip[key], expected[key]), (seed, key)
+
+
+def test_worker_batches_equal_in_process_batches(shards):
+    """Batches collated in a worker (one shared block, `collate_clips`) equal those collated in process, key for key."""
+    dataset = ShardDataset(shards, split="train", seed=2, augmentation=Augmentation())
+    in_process = list(DataLoader(dataset, batch_size=3))
+    from_workers = list(DataLoader(dataset, batch_size=3, num_workers=1))
+    assert len(in_process) == len(from_workers) == 4
+    for mine, reference in zip(from_workers, in_process):
+        assert type(mine) is dict and list(mine) == list(reference)
+        assert mine["name"] == reference["name"]
+        for key, value in reference.items():
+            if key != "name":  # compared as bytes: boxes are NaN-padded
+                assert value.dtype == mine[key].dtype and value.numpy().tobytes() == mine[key].numpy().tobytes(), key
+
+
+def test_a_worker_sends_a_batch_as_one_block(monkeypatch):
+    """In a worker, `collate_clips` stacks every tensor into one shared block: pickled as that block, unpickled as a
+    plain dict whose image-sized tensors are views of it and whose small ones are copies."""
+    import pickle
+
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers the reductions that share tensors)
+
+    import avstrain.data as data
+
+    monkeypatch.setattr(data, "get_worker_info", lambda: object())  # as inside a DataLoader worker
+    items = [data.ClipItem(frames=torch.full((2, 64, 64, 3), i, dtype=torch.uint8), label=torch.tensor(i),
+                           boxes=torch.rand(2, 4, 4), masks=torch.ones(2, 128, 128, dtype=torch.uint8), name=f"c{i}")
+             for i in range(4)]
+    batch = pickle.loads(ForkingPickler.dumps(data.collate_clips(items)))
+    assert type(batch) is dict and list(batch) == ["frames", "label", "boxes", "masks", "name"]
+    assert batch["name"] == ["c0", "c1", "c2", "c3"] and batch["label"].tolist() == [0, 1, 2, 3]
+    assert torch.equal(batch["frames"][:, 0, 0, 0, 0], torch.arange(4, dtype=torch.uint8))
+    assert torch.equal(batch["boxes"], torch.stack([item["boxes"] for item in items]))
+    block = batch["frames"].untyped_storage().data_ptr()
+    assert batch["masks"].untyped_storage().data_ptr() == block and batch["frames"].is_shared()
+    assert batch["label"].untyped_storage().data_ptr() != block
+
+
+def test_items_kept_are_not_overwritten_by_later_reads(shards):
+    """Reads reuse their buffers only once no item uses them: items kept past the reuse limit stay intact."""
+    kept = [item for _ in range(4) for item in ShardDataset(shards, split="train", shuffle=False)]  # 40 items
+    fresh = [item for item in ShardDataset(shards, split="train", shuffle=False)]
+    for index, item in enumerate(kept):
+        assert torch.equal(item["frames"], fresh[index % len(fresh)]["frames"])
+        assert torch.equal(item["masks"], fresh[index % len(fresh)]["masks"])

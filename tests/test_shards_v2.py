@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from avsprep.cli import main as avsprep_main
 from avsprep.errors import InputError
-from avsprep.shards import SCHEMA_VERSION, json_attribute, read_manifest, rewrite_as_v1, verify
+from avsprep.shards import (SCHEMA_VERSION, ShardReader, fletcher32, fletcher32_matches, json_attribute, read_manifest,
+                            rewrite_as_v1, verify)
 from avstrain.data import ShardDataset
 from helpers import crops_args, make_dataset
 from shard_fuzz import clips_digest, random_damages, run_cases
@@ -179,3 +180,40 @@ def test_fuzz_3000_damages(shards, tmp_path):
     counts, findings = fuzz(shards, tmp_path, 3000, seed=1700)
     assert all(finding[2] == "read back different clips" for finding in findings), findings
     assert [finding[0] for finding in findings] == [2284], findings
+
+
+def test_fletcher32_is_the_checksum_hdf5_stores(tmp_path):
+    """The reader checks fletcher32 itself (vectorised, `ShardReader`'s frames reads): it must agree with libhdf5
+    on every length (odd ones too), on all-zero and all-0xFF data, and see a flipped bit."""
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in (1, 2, 3, 511, 512, 513, 4097, 250881, 752640)]
+    arrays += [np.full(n, 255, np.uint8) for n in (2, 1024, 100001)] + [np.zeros(1000, np.uint8)]
+    arrays += [(rng.random(30000) < 0.01).astype(np.uint8)]
+    path = tmp_path / "checksums.h5"
+    with h5py.File(path, "w") as handle:
+        for i, values in enumerate(arrays):
+            handle.create_dataset(str(i), data=values[None], chunks=(1, values.size), fletcher32=True)
+    with h5py.File(path, "r") as handle:
+        for i, values in enumerate(arrays):
+            _, raw = handle[str(i)].id.read_direct_chunk((0, 0))
+            assert fletcher32(values) == int.from_bytes(raw[-4:], "little"), values.size
+            assert fletcher32_matches(values, raw[-4:])
+            damaged = values.copy()
+            damaged[len(damaged) // 2] ^= 4
+            assert not fletcher32_matches(damaged, raw[-4:]), values.size
+
+
+def test_damage_is_found_by_the_reader_in_small_and_in_image_datasets(shards, tmp_path):
+    """Small datasets are read whole when a shard opens, frames a clip at a time: damage in either is one line
+    naming the shard and the dataset; the clips around damaged frames still read."""
+    small = copy(shards, tmp_path / "small")
+    flip_chunk_byte(small / "shard-00000.h5", "audio", 1)
+    with pytest.raises(InputError, match=r"shard-00000\.h5: dataset audio: cannot read, damaged \("):
+        ShardReader(small, ("frames", "audio")).read_clip("shard-00000.h5", 0)
+    frames = copy(shards, tmp_path / "frames")
+    flip_chunk_byte(frames / "shard-00000.h5", "frames", 1)
+    reader = ShardReader(frames, ("frames", "audio"))
+    with pytest.raises(InputError, match=r"shard-00000\.h5: dataset frames: cannot read clip 1, damaged \("):
+        reader.read_clip("shard-00000.h5", 1)
+    intact = ShardReader(shards, ("frames", "audio")).read_clip("shard-00000.h5", 0)
+    assert np.array_equal(reader.read_clip("shard-00000.h5", 0)["frames"], intact["frames"])
