@@ -15,8 +15,9 @@ One run folder per variant and seed (runs/localisers/<variant>-s<seed>/: the con
 schedule, so `avstrain train --config configs/synth-avolnet.toml --name localisers/avolnet-s0` makes the same folder),
 evaluated on the test split; the runs
 that saw no localisation label (senocak-unsup, avolnet) are scored from `last.pt`, since their `best.pt` is chosen
-by the validation split's pointing game, which reads its masks. Finished runs (a folder with localisation.json) are
-reused, so an interrupted comparison resumes. Writes <summary-dir>/summary.json and <summary-dir>/table.md (mean ±
+by the validation split's pointing game, which reads its masks. Finished runs are reused: a folder with
+localisation.json, or a run the summary records (under "runs") for the same recipe (every config file by sha256,
+schedule and overrides), so an interrupted comparison resumes, in a later session on a new machine too. Writes <summary-dir>/summary.json and <summary-dir>/table.md (mean ±
 std over seeds: pointing, swap pointing_other, AP, cIoU, AUC, nDCG@30 im→aud and aud→im with crop items, AVC
 accuracy and its hard form) and prints the table.
 
@@ -29,6 +30,7 @@ shorter one than `make train`'s (`--tpavi-epochs 8`, negatives from half-way, ag
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -93,6 +95,24 @@ def run_variant(name: str, seed: int, args) -> dict:
     return results
 
 
+def recipe(args) -> dict:
+    """What makes a recorded run the same experiment: the configs by content, the schedule, the overrides."""
+    configs = sorted({str(config) for config, _, _, _ in VARIANTS.values()})
+    return {"configs": {name: hashlib.sha256(Path(name).read_bytes()).hexdigest() for name in configs},
+            "epochs": args.epochs, "tpavi_epochs": args.tpavi_epochs, "overrides": args.set}
+
+
+def recorded_runs(args) -> dict[str, dict]:
+    """"<variant>-s<seed>" -> localisation result of the runs in the existing summary, if it is the same recipe."""
+    summary = args.summary_dir / "summary.json"
+    if not summary.is_file():
+        return {}
+    previous = json.loads(summary.read_text())
+    if {key: previous.get(key) for key in recipe(args)} != recipe(args):
+        return {}
+    return previous.get("runs", {})
+
+
 def _brief(results: dict) -> str:
     parts = [f"pointing {results['true']['pointing']:.3f}"] if "true" in results else []
     parts += [f"AVC {results['avc']['accuracy']:.3f}"] if "avc" in results else []
@@ -154,9 +174,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     args = parser.parse_args()
 
+    runs = recorded_runs(args)
     jobs = [(name, seed, args) for name in args.variants for seed in args.seeds]
     jobs.sort(key=lambda job: job[0] != "tpavi")  # the costliest first, so that the job slots finish together
-    results, wall = run_jobs(_run_job, jobs, args.jobs)
+    todo = [job for job in jobs if f"{job[0]}-s{job[1]}" not in runs]
+    done, wall = run_jobs(_run_job, todo, args.jobs)
+    runs.update({f"{name}-s{seed}": result for (name, seed, _), result in zip(todo, done)})
+    results = [runs[f"{name}-s{seed}"] for name, seed, _ in jobs]
     summary = {}
     for name in args.variants:
         runs = [r for (variant, _, _), r in zip(jobs, results) if variant == name]
@@ -164,9 +188,8 @@ def main() -> None:
             summary[row] = {"labels": VARIANTS[name][2], "checkpoint": VARIANTS[name][3], "values": values}
     args.summary_dir.mkdir(parents=True, exist_ok=True)
     (args.summary_dir / "summary.json").write_text(json.dumps({
-        "seeds": args.seeds, "epochs": args.epochs, "tpavi_epochs": args.tpavi_epochs, "overrides": args.set,
-        "wall_seconds": wall, "jobs": args.jobs, "seconds_per_run": [r.get("seconds") for r in results],
-        "rows": summary}, indent=1) + "\n")
+        **recipe(args), "seeds": args.seeds, "wall_seconds_this_call": wall, "jobs": args.jobs,
+        "seconds_per_run": [r.get("seconds") for r in results], "rows": summary, "runs": runs}, indent=1) + "\n")
     text = table(summary, args.seeds)
     (args.summary_dir / "table.md").write_text(text)
     print(f"\nwhole comparison: {wall / 60:.1f} min wall, {len(jobs)} runs, {args.jobs} at a time\n\n{text}")

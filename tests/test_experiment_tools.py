@@ -1,5 +1,6 @@
-"""tools/generalise.py reuses the runs a committed summary records (a later session may be on a new machine without
-the run folders), but only for the same recipe: the same config content, overrides, clips and frame size."""
+"""tools/generalise.py and tools/compare_localisers.py reuse the runs a committed summary records (a later session
+may be on a new machine without the run folders), but only for the same recipe: the same config content, schedule
+and overrides (and for generalise clips and frame size)."""
 from __future__ import annotations
 
 import importlib
@@ -16,6 +17,13 @@ REPO = Path(__file__).resolve().parents[1]
 def generalise(monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "tools"))
     return importlib.import_module("generalise")
+
+
+@pytest.fixture()
+def compare_localisers(monkeypatch):
+    monkeypatch.chdir(REPO)  # the tool names its configs relative to the repository
+    monkeypatch.syspath_prepend(str(REPO / "tools"))
+    return importlib.import_module("compare_localisers")
 
 
 def _figures(miou: float) -> dict:
@@ -61,3 +69,20 @@ def test_another_recipe_is_not_reused(generalise, monkeypatch, tmp_path):
     config.write_text("[optim]\nepochs = 3\n")
     args.epochs = 3
     assert generalise.recorded_runs(args) == {}
+
+
+def test_compare_localisers_reuses_recorded_runs_of_its_recipe(compare_localisers, monkeypatch, tmp_path):
+    tool = compare_localisers
+    args = type("Args", (), {"epochs": None, "tpavi_epochs": 8, "set": [], "summary_dir": tmp_path})()
+    result = {"kind": "avolnet", "true": {"pointing": 0.8}, "avc": {"accuracy": 0.9}, "seconds": 1.0}
+    (tmp_path / "summary.json").write_text(json.dumps({**tool.recipe(args), "runs": {"avolnet-s0": result}}))
+    assert tool.recorded_runs(args) == {"avolnet-s0": result}
+    monkeypatch.setattr(tool, "run_variant", lambda *a: pytest.fail("trained a recorded run"))
+    monkeypatch.setattr(sys, "argv", ["compare_localisers.py", "--shards", str(tmp_path), "--summary-dir",
+                                      str(tmp_path), "--variants", "avolnet", "--seeds", "0"])
+    tool.main()
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["rows"]["avolnet"]["values"]["true.pointing"] == [0.8]
+    assert "| avolnet | 0% | 0.800 |" in (tmp_path / "table.md").read_text()
+    args.epochs = 3  # another schedule: nothing recorded applies
+    assert tool.recorded_runs(args) == {}
