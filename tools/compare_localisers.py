@@ -82,7 +82,10 @@ def run_variant(name: str, seed: int, args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = [f"train.threads={args.threads}"] if args.threads else []
-    config = load_config(config_path, [*schedule(name, args), *args.set, *overrides, f"train.seed={seed}", *threads])
+    # Pool processes (--jobs > 1) are daemons, which may not start loader processes of their own.
+    workers = ["train.workers=0"] if args.jobs > 1 else []
+    config = load_config(config_path, [*schedule(name, args), *args.set, *overrides, f"train.seed={seed}", *threads,
+                                       *workers])
     start, cpu = time.perf_counter(), time.process_time()
     train(config, args.shards, run_dir, resume=True)
     model, config, runtime = load_for_inference(run_dir / checkpoint)
