@@ -210,7 +210,8 @@ def crops(**options):
 
     sources, config = from_options(options, SourceOptions, CropsConfig)
     with progress("clips") as advance:
-        result = run_crops(discover(sources), config, progress=advance)
+        # A function, not its result: the worker processes start while it runs
+        result = run_crops(lambda: discover(sources), config, progress=advance)
     echo_crops_result(result, config.out)
 
 

@@ -225,13 +225,20 @@ def _parse_voc_or_error(path: Path) -> FrameAnnotation | InputError:
         return error
 
 
+def _parse_voc_files(files: list[Path]) -> list[FrameAnnotation | InputError]:
+    return [_parse_voc_or_error(path) for path in files]
+
+
 def read_voc_folder(root: Path) -> list[tuple[Path, FrameAnnotation | InputError]]:
     """Every VOC XML under `root` (sorted), parsed, or the InputError that parsing it raised."""
     files = find_annotation_files(root, ".xml")
     # Reading many small files waits on the file system far more than it computes (and lxml releases the GIL):
-    # threads overlap the waiting. map() keeps the order, so results do not depend on timing.
+    # threads overlap the waiting. They take the files in runs of contiguous ones, not one task per file (a task
+    # costs about as much as parsing a small file). map() keeps the order, so results do not depend on timing.
+    run = max(1, -(-len(files) // 32))
     with ThreadPoolExecutor(max_workers=8) as readers:
-        return list(zip(files, readers.map(_parse_voc_or_error, files)))
+        parsed = readers.map(_parse_voc_files, [files[i:i + run] for i in range(0, len(files), run)])
+        return list(zip(files, (annotation for part in parsed for annotation in part)))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,10 +434,13 @@ def _build_clip(name: str, by_index: dict[int, Path], found: _Found, options: So
     """One clip's sources: its T frames with their annotation and masks, its audio and metadata row."""
     padded = _complete_frames(name, by_index, options.frames_per_clip, options.pad_short_clips)
     masks, other_masks = found.indexes.get("masks", {}), found.indexes.get("other_masks", {})
-    frames = [FrameSource(index=k, image=image, annotation=found.annotated.annotations.get(image.name),
-                          yolo_file=found.annotated.yolo_files.get(image.stem), mask=masks.get(image.stem),
-                          other_mask=other_masks.get(image.stem))
-              for k, image in ((k, by_index[k]) for k in range(1, options.frames_per_clip + 1))]
+    frames = []
+    for k in range(1, options.frames_per_clip + 1):
+        image = by_index[k]
+        stem = image.stem  # a Path computes it anew each time it is asked
+        frames.append(FrameSource(index=k, image=image, annotation=found.annotated.annotations.get(image.name),
+                                  yolo_file=found.annotated.yolo_files.get(stem), mask=masks.get(stem),
+                                  other_mask=other_masks.get(stem)))
     audio = None
     if options.audio is not None:
         audio = found.indexes["audio"].get(name)

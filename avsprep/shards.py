@@ -277,13 +277,17 @@ def _stacked(field: ShardField, records: list, dims: dict[str, int]) -> np.ndarr
     return np.stack([getattr(record, field.name) for record in records]).astype(field.dtype, copy=False)
 
 
-def write_shard(plan: ShardPlan, records: list, skipped: list[dict], compression: str | None = None) -> ShardInfo:
-    """Write the clip records (ClipRecord) of one shard atomically and return its info."""
+def write_shard(plan: ShardPlan, records: list, skipped: list[dict], compression: str | None = None,
+                stacked: dict[str, np.ndarray] | None = None) -> ShardInfo:
+    """Write the clip records (ClipRecord) of one shard atomically and return its info. `stacked`: fields already
+    as [len(records), ...] arrays (the records' rows, built in place), written as they are."""
     settings = plan.settings
     dims = shard_dims(settings.frames_per_clip, settings.size, settings.crop_size, settings.max_boxes,
                       len(settings.classes))
     fields = schema_fields(asdict(settings))
-    arrays = {field.name: _stacked(field, records, dims) for field in fields if not field.is_string}
+    stacked = stacked or {}
+    arrays = {field.name: stacked[field.name] if field.name in stacked else _stacked(field, records, dims)
+              for field in fields if not field.is_string}
     strings = {field.name: _stacked(field, records, dims) for field in fields if field.is_string}
     report: Counter = Counter()
     for record in records:

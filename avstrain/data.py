@@ -161,7 +161,8 @@ class ShardDataset(IterableDataset):
 
     Each item (a `ClipItem`: a dict): `frames` [T,S,S,3] uint8, `masks` [T,S,S] uint8, `mask_valid` [T] bool,
     `crops` [T,c,c,3] uint8, `crop_valid` [T] bool, `boxes` [T,K,4] float32, `audio` [T,128] float32,
-    `label` int64 scalar, `sounding` [C] bool, `name` str, and `other_masks` [T,S,S] uint8 / `other_label` where the shards have them.
+    `label` int64 scalar, `sounding` [C] bool, `name` str, and `other_masks` [T,S,S] uint8 / `other_label` where
+    the shards have them.
 
     Training (`shuffle=True`): every epoch the clips are permuted (seed, epoch), cut into one contiguous block
     per rank of equal size (at most world_size - 1 clips wait for the next epoch, so ranks take equal steps),
