@@ -3,7 +3,8 @@
 Both are measured in this run on the same synthetic clips (generated once into data/bench-synth). The floor is
 `cv2.imread` of every frame, mask and other-object mask that `crops` reads, spread over 2 processes; `crops` is the
 whole command (process start, imports, XML, audio, crops, HDF5 writes, manifest) as a user runs it.
-Target: crops <= 1.5x the floor.
+Target: crops <= 2.0x the floor (issue 17; the 1.5x of the first issue is retired: decoding, the required checksums
+and the audio alone take about 1.4x).
 
 Then, to show what bounds the ratio, a profile of the work per clip in one process over the first 200 clips:
 the floor's decode, and each stage `crops` adds on top (audio, crop + resize, sha256 of the output arrays as
@@ -25,7 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-TARGET = 1.5
+TARGET = 2.0
 
 
 def decode(paths: list[str]) -> int:
