@@ -35,7 +35,7 @@ from avsprep.errors import InputError
 from avstrain.eval_data import (DonorPicker, Progress, SplitTable, batches, eval_dataset, report_progress, text_table,
                                 read_split_table, visible_classes)
 from avstrain.localisation_losses import ground_truth_maps
-from avstrain.metrics import localisation_scores, ndcg, pixel_average_precision, pointing_hits
+from avstrain.metrics import localisation_ceiling, localisation_scores, ndcg, pixel_average_precision, pointing_hits
 from avstrain.models.tpavi_avs import AVSModel
 from avstrain.runtime import autocast, eval_mode
 
@@ -104,7 +104,8 @@ class _MapScores:
             maps, truth = torch.cat(self.maps), torch.cat(self.truth).float()
             out["true"] = {**localisation_scores(maps, truth), "pointing": float(pointing_hits(maps, truth).double()
                                                                                    .mean()),
-                           "ap": pixel_average_precision(maps, truth), "frames": len(maps)}
+                           "ap": pixel_average_precision(maps, truth), "frames": len(maps),
+                           "ceiling": localisation_ceiling(truth)}
         if self.swap_hits:
             hits = torch.cat(self.swap_hits)
             out["swap"] = {"pointing_other": float(hits.double().mean()), "frames": len(hits)}

@@ -74,7 +74,9 @@ def test_another_recipe_is_not_reused(generalise, monkeypatch, tmp_path):
 def test_compare_localisers_reuses_recorded_runs_of_its_recipe(compare_localisers, monkeypatch, tmp_path):
     tool = compare_localisers
     args = type("Args", (), {"epochs": None, "tpavi_epochs": 8, "set": [], "summary_dir": tmp_path})()
-    result = {"kind": "avolnet", "true": {"pointing": 0.8}, "avc": {"accuracy": 0.9}, "seconds": 1.0}
+    ceiling = {"ciou": 0.0, "auc": 0.14, "mean_ciou": 0.141}
+    result = {"kind": "avolnet", "true": {"pointing": 0.8, "ceiling": ceiling}, "avc": {"accuracy": 0.9},
+              "seconds": 1.0}
     (tmp_path / "summary.json").write_text(json.dumps({**tool.recipe(args), "runs": {"avolnet-s0": result}}))
     assert tool.recorded_runs(args) == {"avolnet-s0": result}
     monkeypatch.setattr(tool, "run_variant", lambda *a: pytest.fail("trained a recorded run"))
@@ -82,7 +84,9 @@ def test_compare_localisers_reuses_recorded_runs_of_its_recipe(compare_localiser
                                       str(tmp_path), "--variants", "avolnet", "--seeds", "0"])
     tool.main()
     written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["runs"] == {"avolnet-s0": result}  # recorded for the next call, by variant and seed
     assert written["rows"]["avolnet"]["values"]["true.pointing"] == [0.8]
     assert "| avolnet | 0% | 0.800 |" in (tmp_path / "table.md").read_text()
+    assert "A perfect localiser scores cIoU 0.000, AUC 0.140 and mean cIoU 0.141" in (tmp_path / "table.md").read_text()
     args.epochs = 3  # another schedule: nothing recorded applies
     assert tool.recorded_runs(args) == {}

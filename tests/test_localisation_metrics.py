@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from avstrain.metrics import ciou_per_sample, localisation_scores, pixel_average_precision, pointing_hits
+from avstrain.metrics import (ciou_ceiling, ciou_per_sample, localisation_ceiling, localisation_scores,
+                              pixel_average_precision, pointing_hits)
 
 
 def test_ciou_with_soft_ground_truth():
@@ -63,3 +64,24 @@ def test_pixel_average_precision():
     worst = torch.tensor([[[0.0, 1.0], [1.0, 1.0]]])
     assert pixel_average_precision(perfect, gt) == pytest.approx(1.0)
     assert pixel_average_precision(worst, gt) == pytest.approx(0.25)
+
+
+def test_ciou_ceiling_of_the_top_half_rule():
+    gt = torch.zeros(1, 2, 2)
+    gt[0, 0, 0] = 1  # a quarter of the frame: the rule keeps two pixels, one of them background
+    assert ciou_ceiling(gt).item() == pytest.approx(0.5)
+    # success 1 up to threshold 0.5, 0 from 0.55: 0.5 plus the trapezoid between them
+    assert localisation_ceiling(gt) == {"ciou": 1.0, "auc": pytest.approx(0.5 + 0.05 * 0.5),
+                                        "mean_ciou": pytest.approx(0.5)}
+    half = torch.zeros(1, 2, 2)
+    half[0, 0, :] = 0.5  # soft ground truth over half the frame: all of it fits
+    assert ciou_ceiling(half).item() == pytest.approx(1.0)
+
+
+def test_no_heat_map_beats_the_ceiling_and_the_best_one_reaches_it():
+    generator = torch.Generator().manual_seed(0)
+    gt = (torch.rand(16, 8, 8, generator=generator) < 0.2).float()
+    ceiling = ciou_ceiling(gt)
+    assert (ciou_per_sample(torch.rand(16, 8, 8, generator=generator), gt) <= ceiling + 1e-6).all()
+    best = gt + 0.5 * torch.rand(16, 8, 8, generator=generator)  # object pixels first, background in random order
+    assert torch.allclose(ciou_per_sample(best, gt), ceiling)
