@@ -114,8 +114,7 @@ def recorded_runs(args) -> dict[str, dict]:
     previous = json.loads(summary.read_text())
     if {key: previous.get(key) for key in recipe(args)} != recipe(args):
         return {}
-    runs = previous.get("runs", {})
-    return runs if isinstance(runs, dict) else {}  # summaries of an earlier version recorded a list: not reusable
+    return previous.get("runs", {})
 
 
 def _brief(results: dict) -> str:
