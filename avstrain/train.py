@@ -341,10 +341,24 @@ def validate(session: Session, shards_dir: Path, run: RunState, run_dir: Path, s
     value = metric_value(results, session.kind.best_metric)
     log.info("epoch %d: val %s %.4f (%.1f clips/s)", run.epoch, session.kind.best_metric, value,
              clips / max(seconds, 1e-9))
+    if first_epoch_with_negatives(session, run):
+        # Validation scores the true audio alone, so an epoch before negative audio can score best and yet never have
+        # learned to stay dark under silence: best.pt is chosen among the epochs of the whole recipe.
+        log.info("epoch %d: the first epoch with negative audio; best.pt is chosen from here on", run.epoch)
+        run.best_metric = -1.0
     if value > run.best_metric:
         run.best_metric = value
         session.saver.save_best(run)
     return results
+
+
+def first_epoch_with_negatives(session: Session, run: RunState) -> bool:
+    """Whether the epoch just trained (0-based `run.epoch - 1`) is the first that drew negative audio."""
+    if not session.negatives.probability:
+        return False
+    trained = run.epoch - 1
+    return (negatives_active(session.config, trained, run.heard_epoch)
+            and not (trained > 0 and negatives_active(session.config, trained - 1, run.heard_epoch)))
 
 
 def waits_to_hear(session: Session, run: RunState) -> bool:

@@ -281,6 +281,21 @@ def test_negatives_start_when_the_model_hears_and_the_decision_is_checkpointed(s
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["heard_epoch"] == 2
 
 
+def test_best_checkpoint_comes_from_epochs_trained_with_negative_audio(shards, tmp_path, monkeypatch):
+    """Validation scores the true audio alone: an epoch before negatives may score best, yet best.pt must be one that
+    learned to stay dark (the generalisation runs' silence FPR 0.15 came from such a best.pt)."""
+    import avstrain.train as training
+    falling = iter([0.9, 0.8, 0.7, 0.9, 0.8, 0.7])
+    monkeypatch.setattr(training, "metric_value", lambda results, path: next(falling))
+    _hears_after(2, monkeypatch)
+    extra = ("optim.epochs=3", "train.negatives_start=hears")
+    train(tiny_config(*extra, "train.negatives=0.5"), shards, tmp_path / "negatives")
+    assert torch.load(tmp_path / "negatives" / "best.pt", weights_only=True)["epoch"] == 3  # the one epoch with them
+    _hears_after(2, monkeypatch)
+    train(tiny_config(*extra, "train.negatives=0"), shards, tmp_path / "none")
+    assert torch.load(tmp_path / "none" / "best.pt", weights_only=True)["epoch"] == 1
+
+
 def test_resume_after_the_model_heard_continues_exactly(shards, tmp_path, monkeypatch):
     extra = ("optim.epochs=3", "train.negatives=0.5", "train.negatives_start=hears")
     _hears_after(1, monkeypatch)
