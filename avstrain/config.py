@@ -71,11 +71,18 @@ class ModelConfig:
     # Standardise the audio embeddings per dimension with the training split's mean and std (the trainer measures
     # them; they travel in the state dict) before the model uses them. False: the raw embeddings (the reference).
     audio_norm: bool = False
+    # With audio_norm: squash the standardised audio smoothly into ±audio_clip (c·tanh(z/c); 0: off). Silence and noise
+    # embeddings sit 4–8 standard deviations from the training audio (absmax 16), far outside what the clips teach
+    # the audio projection; squashed, negative audio stays distinct without swamping TPAVI (docs/design.md §17).
+    audio_clip: float = 0.0
 
     def __post_init__(self) -> None:
         self.tpavi_stages = tuple(int(s) for s in self.tpavi_stages)
         if self.backbone not in BACKBONES:
             raise ValueError(f"model.backbone must be one of {BACKBONES}, got {self.backbone!r}")
+        if self.audio_clip < 0 or (self.audio_clip and not self.audio_norm):
+            raise ValueError(f"model.audio_clip needs model.audio_norm = true and a value > 0 (0: off), "
+                             f"got {self.audio_clip}")
         if self.crop_mode not in CROP_MODES:
             raise ValueError(f"model.crop_mode must be one of {CROP_MODES}, got {self.crop_mode!r}")
         if self.crop_mode == "separate" and self.crop_backbone not in BACKBONES:
@@ -196,6 +203,9 @@ class TrainConfig:
     # it to predict nothing (docs/design.md §17). The epoch it heard is part of the checkpoint.
     negatives_start: str = "epoch"
     hears_margin: float = 0.1
+    # Audio swap (docs/design.md §17): probability that a training clip with another visible object gets that object's
+    # sound (a batch clip where its class sounds alone) and its mask as the target, from the first step on.
+    swap: float = 0.0
     amp: str = "auto"  # "auto"/"bf16": bf16 autocast on CUDA and on CPUs with native bf16, else fp32; "fp32"
     channels_last: bool = True
     checkpoint_every: int = 0  # also save step-<n>.pt every n steps; 0: only last.pt and best.pt
@@ -211,6 +221,8 @@ class TrainConfig:
             raise ValueError(f"train.amp must be auto, bf16 or fp32, got {self.amp!r}")
         if not 0 <= self.negatives <= 1:
             raise ValueError(f"train.negatives is a probability, got {self.negatives}")
+        if not 0 <= self.swap <= 1:
+            raise ValueError(f"train.swap is a probability, got {self.swap}")
         if self.negatives_start not in NEGATIVES_STARTS:
             raise ValueError(f"train.negatives_start must be one of {NEGATIVES_STARTS}, got {self.negatives_start!r}")
         if not 0 < self.hears_margin <= 1:

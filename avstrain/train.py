@@ -91,6 +91,39 @@ class NegativeAudio:
         return true_audio[donors[pick % len(donors)]] if donors else None
 
 
+class AudioSwap:
+    """With probability p a clip trades the roles of its two visible objects: its audio becomes the sound of a batch
+    clip in which the other object's class sounds alone, and the other object's mask becomes the target (docs/design.md
+    §17). The swap test's choice, taught directly: which of the objects in view does this sound belong to?"""
+
+    def __init__(self, probability: float, generator: torch.Generator):
+        self.probability = probability
+        self.generator = generator  # the run's negative-audio generator: checkpointed, one per rank
+
+    def apply(self, batch: dict) -> None:
+        """In place on a CPU batch with other-object fields; a clip without a donor in the batch keeps its audio."""
+        if not self.probability or "other_label" not in batch:
+            return
+        B = batch["audio"].shape[0]
+        draws = torch.rand(B, generator=self.generator)
+        picks = torch.randint(1 << 30, (B,), generator=self.generator)
+        alone = batch["sounding"].sum(dim=1) == 1  # [B]: one sounding class, so the swapped target is one object
+        true_audio, labels = batch["audio"].clone(), batch["label"].tolist()
+        for i in range(B):
+            other = int(batch["other_label"][i])
+            if draws[i] >= self.probability or other < 0 or not alone[i]:
+                continue
+            donors = [j for j in range(B) if j != i and alone[j] and labels[j] == other]
+            if not donors:
+                continue
+            batch["audio"][i] = true_audio[donors[int(picks[i]) % len(donors)]]
+            batch["masks"][i], batch["other_masks"][i] = batch["other_masks"][i].clone(), batch["masks"][i].clone()
+            batch["other_label"][i], batch["label"][i] = labels[i], other
+            batch["sounding"][i] = False
+            batch["sounding"][i, other] = True
+            batch["crop_valid"][i] = False  # the crop is the first object's
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Pieces of the set-up (public: tools/bench_train.py builds its rows from them)
 
@@ -172,16 +205,20 @@ def fit_to_run(config: Config, manifest: dict) -> Config:
 
     A vision-only model (`model.audio = false`) sees the same frames with and without their sound: negative audio
     would only teach it to predict nothing, and without TPAVI there are no scores for `loss.av`; the baseline trains
-    on the true targets alone. `train.negatives_start = "hears"` swaps in the other visible object's audio: shards
+    on the true targets alone (no swaps either). `train.negatives_start = "hears"` swaps in the other visible object's audio: shards
     without other-object masks leave nothing to measure, so negatives start by epoch.
     """
     train, loss = config.train, config.loss
     if not config.model.audio:
-        for section, name in (("train", "negatives"), ("loss", "av")):
+        for section, name in (("train", "negatives"), ("train", "swap"), ("loss", "av")):
             if getattr(getattr(config, section), name):
                 log.warning("model.audio = false: %s.%s = %s is ignored", section, name,
                             getattr(getattr(config, section), name))
-        train, loss = dataclasses.replace(train, negatives=0.0), dataclasses.replace(loss, av=0.0)
+        train, loss = dataclasses.replace(train, negatives=0.0, swap=0.0), dataclasses.replace(loss, av=0.0)
+    if train.swap and not manifest.get("has_other_masks"):
+        log.warning("train.swap needs shards with other-object masks (avsprep crops --other-masks); these have none, "
+                    "so no clip is swapped")
+        train = dataclasses.replace(train, swap=0.0)
     if train.negatives_start == "hears" and train.negatives and not manifest.get("has_other_masks"):
         log.warning("train.negatives_start = 'hears' needs shards with other-object masks (avsprep crops "
                     "--other-masks); these have none, so negatives start by epoch (train.negatives_from_epoch)")
@@ -257,6 +294,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     dataset: ShardDataset
     negatives: NegativeAudio
+    swaps: AudioSwap
     saver: CheckpointSaver
     device: torch.device
     amp_dtype: torch.dtype | None
@@ -280,6 +318,7 @@ def train_one_epoch(session: Session, run: RunState, steps_log: IO[str], progres
     fields = session.kind.batch_fields(config)
     clips = 0
     for batch in loader:
+        session.swaps.apply(batch)
         if negatives_active(config, run.epoch, run.heard_epoch):
             session.negatives.apply(batch)
         inputs = to_device(batch, session.device, fields, config.model.image_size)
@@ -424,7 +463,8 @@ def _set_up(config: Config, shards_dir: Path, run_dir: Path, dist: Distributed) 
         network = nn.parallel.DistributedDataParallel(model,
                                                       find_unused_parameters=kind.find_unused_parameters(config))
     saver = CheckpointSaver(run_dir, model, optimizer, config, manifest, enabled=dist.is_main)
-    session = Session(config, kind, model, network, optimizer, dataset, negatives, saver, device, amp_dtype,
+    swaps = AudioSwap(config.train.swap, run.negatives)
+    session = Session(config, kind, model, network, optimizer, dataset, negatives, swaps, saver, device, amp_dtype,
                       batches_per_epoch, total_steps)
     return session, run
 
@@ -501,6 +541,6 @@ def train(config: Config, shards_dir: str | Path, run_dir: str | Path, resume: b
     return {"best_metric": run.best_metric, "last": last_metrics, "steps": run.step, "model": session.model}
 
 
-__all__ = ["Distributed", "NegativeAudio", "Session", "end_distributed", "fit_to_run", "init_distributed",
+__all__ = ["AudioSwap", "Distributed", "NegativeAudio", "Session", "end_distributed", "fit_to_run", "init_distributed",
            "learning_rate", "make_negatives", "make_optimizer", "metric_value", "negatives_active", "seed_everything",
            "to_device", "train", "train_one_epoch", "train_step", "training_dataset", "validate", "waits_to_hear"]

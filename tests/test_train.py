@@ -1,5 +1,6 @@
 """Config loading, the training loop (files, checkpoints, exact resume) and the avstrain CLI, on real tiny shards."""
 import json
+import logging
 
 import pytest
 import torch
@@ -218,6 +219,42 @@ def test_negative_audio_replaces_sound_and_empties_the_target(shards):
     assert torch.equal(b["audio"], batch()["audio"]) and b["masks"].all()
 
 
+def test_audio_swap_gives_the_other_objects_sound_and_mask():
+    from avstrain.train import AudioSwap
+
+    def batch():
+        labels = torch.tensor([0, 1, 0, 2])
+        return {"audio": torch.arange(4.0).view(4, 1, 1).expand(4, 3, 128).clone(), "label": labels,
+                "sounding": torch.nn.functional.one_hot(labels, 3).bool(), "other_label": torch.tensor([1, 0, -1, 1]),
+                "masks": torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "other_masks": torch.ones(4, 3, 8, 8, dtype=torch.uint8),
+                "crop_valid": torch.ones(4, 3, dtype=torch.bool)}
+
+    b = batch()
+    AudioSwap(1.0, torch.Generator().manual_seed(0)).apply(b)
+    # Clip 0 shows 0 (sounding) and 1: class 1 sounds alone only in clip 1, so clip 0 hears clip 1's sound.
+    assert torch.equal(b["audio"][0], torch.full((3, 128), 1.0))
+    assert b["masks"][0].all() and not b["other_masks"][0].any() and not b["crop_valid"][0].any()
+    assert (b["label"][0].item(), b["other_label"][0].item(), b["sounding"][0].tolist()) == (1, 0, [False, True, False])
+    assert b["audio"][1, 0, 0].item() in (0.0, 2.0)  # class 0 sounds in clips 0 and 2 (clip 0's own, not its swap)
+    assert torch.equal(b["audio"][2], batch()["audio"][2])  # nothing else in view: kept
+    # Clip 3 shows 2 and 1: it hears clip 1's own sound, though clip 1 itself was swapped first.
+    assert torch.equal(b["audio"][3], torch.full((3, 128), 1.0)) and b["masks"][3].all()
+    b = batch()
+    AudioSwap(0.0, torch.Generator().manual_seed(0)).apply(b)
+    assert all(torch.equal(b[k], batch()[k]) for k in b)
+
+
+def test_audio_swap_needs_other_masks_and_a_model_that_hears(tmp_path, caplog):
+    from avstrain.train import fit_to_run
+    with caplog.at_level(logging.WARNING):
+        assert fit_to_run(tiny_config("train.swap=0.3"), {"has_other_masks": False}).train.swap == 0
+        assert fit_to_run(tiny_config("train.swap=0.3", "model.audio=false"), {"has_other_masks": True}).train.swap == 0
+    assert "train.swap needs shards with other-object masks" in caplog.text
+    assert fit_to_run(tiny_config("train.swap=0.3"), {"has_other_masks": True}).train.swap == 0.3
+    with pytest.raises(ConfigError, match="train.swap"):
+        tiny_config("train.swap=1.5")
+
+
 def test_checkpoint_loads_without_the_backbone_weight_file(shards, tmp_path):
     """A model trained from a local ImageNet file evaluates from its checkpoint alone (the file may be gone)."""
     import torchvision
@@ -340,6 +377,20 @@ def test_audio_norm_standardises_with_the_training_split_and_travels_in_the_chec
     plain = build_model(tiny_config().model)
     assert "audio_mean" not in plain.state_dict()
     assert torch.equal(plain.normalize_audio(torch.from_numpy(audio)), torch.from_numpy(audio))
+
+
+def test_audio_clip_squashes_far_audio_and_keeps_the_near():
+    from avstrain.models import build_model
+    model = build_model(tiny_config("model.audio_norm=true", "model.audio_clip=3").model)
+    model.set_audio_stats(torch.zeros(128), torch.ones(128))
+    z = torch.tensor([0.0, 0.5, -1.0, 8.0, -16.0]).repeat(128, 1).T  # [5, 128]
+    out = model.normalize_audio(z)[:, 0]
+    assert out.abs().max() < 3 and out[3] > 2.9 and out[4] < -2.99  # silence-like -16 sigma: near -3, still apart
+    torch.testing.assert_close(out[:3], z[:3, 0], atol=0.04, rtol=0.0)  # the training audio's range barely moves
+    with pytest.raises(ConfigError, match="audio_clip"):
+        tiny_config("model.audio_clip=3")  # without audio_norm
+    with pytest.raises(ConfigError, match="audio_clip"):
+        tiny_config("model.audio_norm=true", "model.audio_clip=-1")
 
 
 def test_hears_without_other_masks_falls_back_to_the_epoch_schedule(tmp_path, caplog):

@@ -172,7 +172,10 @@ class AVSModel(nn.Module):
         """audio [..., audio_dim] standardised with the training statistics (as it is without `audio_norm`)."""
         if not self.config.audio_norm:
             return audio
-        return (audio - self.audio_mean.to(audio.dtype)) / self.audio_std.to(audio.dtype)
+        audio = (audio - self.audio_mean.to(audio.dtype)) / self.audio_std.to(audio.dtype)
+        if self.config.audio_clip:
+            audio = self.config.audio_clip * torch.tanh(audio / self.config.audio_clip)  # smooth, into ±audio_clip
+        return audio
 
     def normalize(self, images: Tensor) -> Tensor:
         """uint8 [N,3,H,W] in 0..255 or float in 0..1 -> ImageNet-normalised float."""
@@ -333,7 +336,7 @@ class TPAVIKind(ModelKind):
 
     options = ("backbone", "backbone_weights", "channels", "image_size", "tpavi_stages", "audio", "audio_dim",
                "crop_mode", "crop_backbone", "crop_backbone_weights", "crop_embed_dim", "num_classes",
-               "mask_classes", "audio_proj_bias", "tpavi_window", "tpavi_bn_init", "audio_norm")
+               "mask_classes", "audio_proj_bias", "tpavi_window", "tpavi_bn_init", "audio_norm", "audio_clip")
     losses = {"bce": 1.0, "ce": 0.0, "dice": 0.0, "av": 0.0, "avm": 0.0, "crop_cls": 0.0, "crop_temporal": 0.0,
               "crop_audio": 0.0}
     best_metric = "overall.miou"
