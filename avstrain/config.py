@@ -203,6 +203,8 @@ class TrainConfig:
     # it to predict nothing (docs/design.md §17). The epoch it heard is part of the checkpoint.
     negatives_start: str = "epoch"
     hears_margin: float = 0.1
+    # Steps over which the share of negative clips rises linearly from 0 to `negatives` once they start (0: at once).
+    negatives_ramp: int = 0
     # Audio swap (docs/design.md §17): probability that a training clip with another visible object gets that object's
     # sound (a batch clip where its class sounds alone) and its mask as the target, from the first step on.
     swap: float = 0.0
@@ -221,6 +223,8 @@ class TrainConfig:
             raise ValueError(f"train.amp must be auto, bf16 or fp32, got {self.amp!r}")
         if not 0 <= self.negatives <= 1:
             raise ValueError(f"train.negatives is a probability, got {self.negatives}")
+        if self.negatives_ramp < 0:
+            raise ValueError(f"train.negatives_ramp is a number of steps, got {self.negatives_ramp}")
         if not 0 <= self.swap <= 1:
             raise ValueError(f"train.swap is a probability, got {self.swap}")
         if self.negatives_start not in NEGATIVES_STARTS:

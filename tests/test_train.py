@@ -282,6 +282,13 @@ def test_negatives_active_by_epoch_and_by_hearing():
     assert [negatives_active(hears, e, -1) for e in range(4)] == [False] * 4  # never heard: never
     assert [negatives_active(hears, e, 1) for e in range(4)] == [False, False, True, True]  # and not before epoch 2
     assert [negatives_active(hears, e, 3) for e in range(5)] == [False, False, False, True, True]
+    from avstrain.train import first_negative_epoch, negatives_share
+    assert (first_negative_epoch(hears, -1), first_negative_epoch(hears, 1), first_negative_epoch(hears, 3)) == (None, 2, 3)
+    ramp = tiny_config("train.negatives_ramp=4")
+    assert [negatives_share(ramp, step, 10) for step in range(10, 15)] == [0.25, 0.5, 0.75, 1.0, 1.0]
+    assert negatives_share(by_epoch, 10, 10) == 1.0
+    with pytest.raises(ConfigError, match="negatives_ramp"):
+        tiny_config("train.negatives_ramp=-1")
     with pytest.raises(ConfigError, match="negatives_start"):
         tiny_config("train.negatives_start=soon")
     with pytest.raises(ConfigError, match="hears_margin"):
@@ -306,7 +313,8 @@ def test_negatives_start_when_the_model_hears_and_the_decision_is_checkpointed(s
     calls = _hears_after(2, monkeypatch)
     drawn = []
     apply = training.NegativeAudio.apply
-    monkeypatch.setattr(training.NegativeAudio, "apply", lambda self, batch: (drawn.append(1), apply(self, batch)))
+    monkeypatch.setattr(training.NegativeAudio, "apply",
+                        lambda self, batch, share=1.0: (drawn.append(1), apply(self, batch, share)))
     config = tiny_config("optim.epochs=3", "train.negatives=0.5", "train.negatives_start=hears")
     result = train(config, shards, tmp_path / "run")
     steps_per_epoch = result["steps"] // 3
