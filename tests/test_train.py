@@ -363,6 +363,8 @@ def test_reference_recipes_keep_the_reference_model_and_losses():
         assert config.model.tpavi_bn_init == 0.0, path
         assert (config.loss.dice, config.loss.av, config.loss.pos_weight) == (0.0, 0.0, 1.0), path
         assert config.train.negatives_start == "epoch", path
+        assert (config.model.audio_norm, config.model.audio_clip) == (False, 0.0), path
+        assert (config.train.swap, config.train.negatives_ramp) == (0.0, 0), path
 
 
 def test_audio_norm_standardises_with_the_training_split_and_travels_in_the_checkpoint(shards, tmp_path):

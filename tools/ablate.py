@@ -42,8 +42,8 @@ from avstrain.train import train
 SCHEDULE = ["model.image_size=32", "optim.epochs=8", "train.negatives_from_epoch=4", "train.workers=0"]
 CROP_LOSSES = ["loss.crop_cls=0.5", "loss.crop_temporal=0.1", "loss.crop_audio=0.5"]
 # The AVSBench recipe's TPAVI: the from-scratch options of docs/design.md §17 off, negative audio by epoch.
-REFERENCE = ["model.tpavi_bn_init=0", "model.audio_norm=false", "loss.dice=0", "loss.av=0",
-             "train.negatives_start=epoch"]
+REFERENCE = ["model.tpavi_bn_init=0", "model.audio_norm=false", "model.audio_clip=0", "loss.dice=0", "loss.av=0",
+             "train.negatives_start=epoch", "train.negatives_ramp=0", "train.swap=0"]
 VARIANTS: dict[str, list[str]] = {
     "vision-only": ["model.audio=false"],
     "tpavi": [],
