@@ -29,10 +29,10 @@ def recording_set_epoch(self, epoch, *args, **kwargs):
     return set_epoch(self, epoch, *args, **kwargs)
 
 
-def recording_apply(self, batch):  # every training batch passes through here first (while negatives are on)
+def recording_apply(self, batch, share=1.0):  # every training batch passes through here (while negatives are on)
     seen.extend(batch["name"])
     negatives_in_epochs.add(current_epoch[0])
-    return apply_negatives(self, batch)
+    return apply_negatives(self, batch, share)
 
 
 training.NegativeAudio.apply = recording_apply
