@@ -71,9 +71,9 @@ class ModelConfig:
     # Standardise the audio embeddings per dimension with the training split's mean and std (the trainer measures
     # them; they travel in the state dict) before the model uses them. False: the raw embeddings (the reference).
     audio_norm: bool = False
-    # With audio_norm: squash the standardised audio smoothly into ±audio_clip (c·tanh(z/c); 0: off). Silence and noise
-    # embeddings sit 4–8 standard deviations from the training audio (absmax 16), far outside what the clips teach
-    # the audio projection; squashed, negative audio stays distinct without swamping TPAVI (docs/design.md §17).
+    # With audio_norm: squash the standardised audio smoothly into ±audio_clip (c·tanh(z/c); 0: off). Silence and
+    # noise embeddings sit 4–8 standard deviations from the training audio (absmax 16), far outside what the clips
+    # teach the audio projection; squashed, negative audio stays distinct without swamping TPAVI (docs/design.md §17).
     audio_clip: float = 0.0
 
     def __post_init__(self) -> None:

@@ -220,8 +220,9 @@ def fit_to_run(config: Config, manifest: dict) -> Config:
 
     A vision-only model (`model.audio = false`) sees the same frames with and without their sound: negative audio
     would only teach it to predict nothing, and without TPAVI there are no scores for `loss.av`; the baseline trains
-    on the true targets alone (no swaps either). `train.negatives_start = "hears"` swaps in the other visible object's audio: shards
-    without other-object masks leave nothing to measure, so negatives start by epoch.
+    on the true targets alone (no swaps either). `train.negatives_start = "hears"` and `train.swap` use the other
+    visible object: shards without other-object masks leave nothing to measure, so negatives start by epoch, and
+    nothing is swapped.
     """
     train, loss = config.train, config.loss
     if not config.model.audio:

@@ -226,8 +226,8 @@ def test_audio_swap_gives_the_other_objects_sound_and_mask():
         labels = torch.tensor([0, 1, 0, 2])
         return {"audio": torch.arange(4.0).view(4, 1, 1).expand(4, 3, 128).clone(), "label": labels,
                 "sounding": torch.nn.functional.one_hot(labels, 3).bool(), "other_label": torch.tensor([1, 0, -1, 1]),
-                "masks": torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "other_masks": torch.ones(4, 3, 8, 8, dtype=torch.uint8),
-                "crop_valid": torch.ones(4, 3, dtype=torch.bool)}
+                "masks": torch.zeros(4, 3, 8, 8, dtype=torch.uint8),
+                "other_masks": torch.ones(4, 3, 8, 8, dtype=torch.uint8), "crop_valid": torch.ones(4, 3, dtype=torch.bool)}
 
     b = batch()
     AudioSwap(1.0, torch.Generator().manual_seed(0)).apply(b)
@@ -283,7 +283,7 @@ def test_negatives_active_by_epoch_and_by_hearing():
     assert [negatives_active(hears, e, 1) for e in range(4)] == [False, False, True, True]  # and not before epoch 2
     assert [negatives_active(hears, e, 3) for e in range(5)] == [False, False, False, True, True]
     from avstrain.train import first_negative_epoch, negatives_share
-    assert (first_negative_epoch(hears, -1), first_negative_epoch(hears, 1), first_negative_epoch(hears, 3)) == (None, 2, 3)
+    assert [first_negative_epoch(hears, heard) for heard in (-1, 1, 3)] == [None, 2, 3]
     ramp = tiny_config("train.negatives_ramp=4")
     assert [negatives_share(ramp, step, 10) for step in range(10, 15)] == [0.25, 0.5, 0.75, 1.0, 1.0]
     assert negatives_share(by_epoch, 10, 10) == 1.0
