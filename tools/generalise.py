@@ -34,8 +34,8 @@ Cost of the full run (10 datasets, 14 runs) on 2 idle cores, from `make train`'s
 for 600 clips x 20 epochs: about 16 CPU-minutes per 600-clip run, 13.2 such runs, plus about 3.5 CPU-minutes of
 synth + crops per dataset: some 245 CPU-minutes (about 2 h wall with --jobs 2) at 20 epochs, about 195 at
 `--epochs 15`. Measured on 2 idle cores with native bf16 (2026-12-04): 11–12 min wall per 600-clip run at 20 epochs
-with two side by side (`--jobs 2 --threads 1`), so the 14 runs take about 85 min. `--datasets` and
-`--second-seed-on` trim it.
+with two side by side (`--jobs 2 --threads 1`); the README's 15 runs (`--second-seed-on default hard style1 style2
+independent-like`) took 172 run-minutes, about 89 min wall. `--datasets` and `--second-seed-on` trim it.
 
     .venv/bin/python tools/generalise.py [--epochs N] [--jobs 2]                       # the full run
     .venv/bin/python tools/generalise.py --clips 40 --epochs 1 --size 64 --datasets default style1 \\
