@@ -252,3 +252,23 @@ def test_image_formats_become_rgb_uint8(tmp_path, kind):
     expected = cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
     np.testing.assert_array_equal(read_image(path), expected)
     assert read_image(path).dtype == np.uint8 and read_image(path).shape == (12, 10, 3)
+
+
+def test_a_frame_without_mask_box_or_other_mask_is_zero_in_a_reused_row(dataset, tmp_path):
+    # A worker builds every shard into the same arrays: a row that held an earlier shard's clip must come out
+    # zero where the new clip has nothing (clip005 is row 1 of the third shard; clip003 filled that row before).
+    other_masks = tmp_path / "other_masks"
+    other_masks.mkdir()
+    for mask in dataset["masks"].iterdir():
+        (other_masks / mask.name).write_bytes(mask.read_bytes())
+    for folder in (dataset["masks"], other_masks):
+        (folder / "clip005_2.png").unlink()
+    (dataset["labels"] / "clip005_2.xml").unlink()
+    out = tmp_path / "shards"
+    result = run(crops_args(dataset, out) + ["--other-masks", str(other_masks)])
+    assert result.exit_code == 0, result.output
+    _, arrays = read_all(out)
+    assert not arrays["mask_valid"][5, 1] and not arrays["crop_valid"][5, 1]
+    for key in ("masks", "crops", "other_masks"):
+        assert not arrays[key][5, 1].any(), key
+        assert arrays[key][3, 1].any() and arrays[key][5, 0].any(), key  # what was there, and the clip's others
