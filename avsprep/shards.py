@@ -66,9 +66,11 @@ class ShardField:
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # v1: variable-length strings and attributes, no fletcher32
-# Superblock and object headers of HDF5 1.8, which carry checksums (so more metadata damage is found on opening) and
-# store an attribute over 64 KiB (a long `skipped` list) densely, in a fractal heap: still not the global heap.
-LIBVER = ("v108", "latest")
+# The file format of HDF5 1.10: superblock and object headers carry checksums (so more metadata damage is found on
+# opening) and store an attribute over 64 KiB (a long `skipped` list) densely, in a fractal heap, still not the
+# global heap; and each chunk index is a fixed array with checksums, where 1.8's version-1 B-tree has none (a flipped
+# byte of a chunk address there read another place of the file as the chunk: zeros, whose fletcher32 is zero too).
+LIBVER = ("v110", "latest")
 SHARD_SCHEMA: tuple[ShardField, ...] = (
     ShardField("frames", ("N", "T", "S", "S", 3), "uint8", "RGB frames resized to S×S (area interpolation)"),
     ShardField("masks", ("N", "T", "S", "S"), "uint8",
