@@ -76,7 +76,7 @@ def required_work(job: tuple[list, Path]) -> None:
 
     from avsprep import audio as audio_lib
     from avsprep.crops import keep_freed_memory, read_image, read_mask
-    from avsprep.shards import dataset_checksum
+    from avsprep.shards import LIBVER, dataset_checksum
 
     clips, out = job
     cv2.setNumThreads(1)
@@ -95,7 +95,7 @@ def required_work(job: tuple[list, Path]) -> None:
                 rows["other_masks"][i, t] = read_mask(frame.other_mask)
             rows["crops"][i] = rows["frames"][i]
             embedder.embed(audio_lib.clip_examples(clip.audio, T)[0])
-        with h5py.File(out / f"required-{first}.h5", "w") as handle:
+        with h5py.File(out / f"required-{first}.h5", "w", libver=LIBVER) as handle:
             for key, values in rows.items():
                 dataset_checksum(values[:len(shard)])
                 handle.create_dataset(key, data=values[:len(shard)], chunks=(1, *values.shape[1:]), fletcher32=True)
@@ -133,7 +133,7 @@ def stage_profile(data: Path, clips: int = 200) -> dict[str, float]:
     from avsprep import audio as audio_lib
     from avsprep.clips import SourceOptions, discover
     from avsprep.crops import CropsConfig, ClipBuilder, keep_freed_memory, read_image, read_mask
-    from avsprep.shards import dataset_checksum
+    from avsprep.shards import LIBVER, dataset_checksum
 
     cv2.setNumThreads(1)  # as each worker of `crops` is set up
     threadpool_limits(1)
@@ -165,7 +165,7 @@ def stage_profile(data: Path, clips: int = 200) -> dict[str, float]:
     seconds[SHA] = (time.perf_counter() - start) * 1000 / len(records)
     with tempfile.TemporaryDirectory(dir=data.parent) as folder:
         start = time.perf_counter()
-        with h5py.File(Path(folder) / "x.h5", "w") as handle:
+        with h5py.File(Path(folder) / "x.h5", "w", libver=LIBVER) as handle:
             for key, values in arrays.items():
                 handle.create_dataset(key, data=values, chunks=(1, *values.shape[1:]), fletcher32=True)
         seconds[WRITE] = (time.perf_counter() - start) * 1000 / len(records)
