@@ -227,7 +227,9 @@ def _parse_voc_or_error(path: Path) -> FrameAnnotation | InputError:
 def read_voc_folder(root: Path) -> list[tuple[Path, FrameAnnotation | InputError]]:
     """Every VOC XML under `root` (sorted), parsed, or the InputError that parsing it raised."""
     # One thread: parsing a small XML file holds the GIL for most of its 0.1 ms, so threads only contend for it
-    # (8 threads took 1.1 s for 5000 files, one 0.5 s; with the page cache dropped 1.4 s against 1.1 s).
+    # (8 threads took 1.1 s for 5000 files, one 0.5 s; with the page cache dropped 1.4 s against 1.1 s on a local
+    # disk). On a network file system, where each open waits a round trip, threads reading ahead may pay off again:
+    # not measured.
     return [(path, _parse_voc_or_error(path)) for path in find_annotation_files(root, ".xml")]
 
 
