@@ -11,9 +11,7 @@ what no `crops` can go below on the machine, with and without the serial discove
 Then, to show what bounds the ratio, a profile of the work per clip in one process over the first 200 clips:
 the floor's decode, and each stage `crops` adds on top (audio, crop + resize, sha256 of the output arrays as
 docs/design.md §4 requires, the HDF5 write of those arrays with their fletcher32 checksums), each timed alone with
-the library's own functions, in a process set up as a worker of `crops` is (one thread, `keep_freed_memory`). Its
-last line is the ratio the required work alone (decode, audio, sha256, write) would give, spread perfectly over the
-workers after the serial discovery: what no change to `crops` can go below on this machine.
+the library's own functions, in a process set up as a worker of `crops` is (one thread, `keep_freed_memory`).
 
     .venv/bin/python tools/bench_prep.py [--clips 1000] [--size 224]
 """
@@ -67,6 +65,14 @@ def crops_seconds(data: Path, out: Path, workers: int) -> float:
     return time.perf_counter() - start
 
 
+def bench_sources(data: Path):
+    """The SourceOptions of the bench data, as `crops_seconds` passes them on the command line."""
+    from avsprep.clips import SourceOptions
+
+    return SourceOptions(voc=data / "labels", images=data / "visual_frames", masks=data / "gt_masks",
+                         other_masks=data / "other_masks", audio=data / "audio_wav", meta=data / "meta.csv")
+
+
 def required_work(job: tuple[list, Path]) -> None:
     """In one process, what every shard needs whatever the code: each frame and mask decoded into the shard's rows,
     the audio embedded, the crops' rows filled (a copy of the frames stands in for crop + resize), and every 64 clips
@@ -103,11 +109,10 @@ def required_work(job: tuple[list, Path]) -> None:
 
 def required_seconds(data: Path, out: Path, workers: int) -> tuple[float, float]:
     """(seconds of the serial discovery, seconds of `required_work` over all clips in `workers` processes)."""
-    from avsprep.clips import SourceOptions, discover
+    from avsprep.clips import discover
 
     start = time.perf_counter()
-    found = discover(SourceOptions(voc=data / "labels", images=data / "visual_frames", masks=data / "gt_masks",
-                                   other_masks=data / "other_masks", audio=data / "audio_wav", meta=data / "meta.csv"))
+    found = discover(bench_sources(data))
     discovery = time.perf_counter() - start
     shutil.rmtree(out, ignore_errors=True)
     folders = [out / str(i) for i in range(workers)]
@@ -131,15 +136,14 @@ def stage_profile(data: Path, clips: int = 200) -> dict[str, float]:
     from threadpoolctl import threadpool_limits
 
     from avsprep import audio as audio_lib
-    from avsprep.clips import SourceOptions, discover
+    from avsprep.clips import discover
     from avsprep.crops import CropsConfig, ClipBuilder, keep_freed_memory, read_image, read_mask
     from avsprep.shards import LIBVER, dataset_checksum
 
     cv2.setNumThreads(1)  # as each worker of `crops` is set up
     threadpool_limits(1)
     keep_freed_memory()
-    sources = SourceOptions(voc=data / "labels", images=data / "visual_frames", masks=data / "gt_masks",
-                            other_masks=data / "other_masks", audio=data / "audio_wav", meta=data / "meta.csv")
+    sources = bench_sources(data)
     start = time.perf_counter()
     found = discover(sources)
     seconds = {DISCOVERY: (time.perf_counter() - start) * 1000 / len(found.clips)}
@@ -203,25 +207,20 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
 
     profile = stage_profile(data)
-    print_profile(profile, floor, args.clips, args.workers)
+    print_profile(profile)
     sys.exit(0 if ratio <= TARGET else 1)
 
 
-def print_profile(profile: dict[str, float], floor: float, clips: int, workers: int) -> None:
-    """The stages per clip, what a shard costs at least, and the ratio that the required work alone would give."""
+def print_profile(profile: dict[str, float]) -> None:
+    """The stages per clip, what a shard costs at least, and the required work alone (as `required_work` does it)."""
     decode = profile[DECODE]
     print(f"\nwork per clip, one process, first 200 clips ({'ms/clip':>8s} and x the decode):")
     for name, ms in profile.items():
         print(f"  {name:52s} {ms:8.2f} {ms / decode:6.2f}x")
     least = profile[BUILD] + profile[SHA] + profile[WRITE]
     print(f"  {'build + sha256 + write, the least a shard costs':52s} {least:8.2f} {least / decode:6.2f}x")
-    # Decoding, the audio, the checksums and the write are what the shard format asks for; the discovery is
-    # serial (the classes must be known before a clip is built). With perfect scaling over the workers:
     required = profile[DECODE] + profile[AUDIO] + profile[SHA] + profile[WRITE]
-    bound = (required * clips / workers + profile[DISCOVERY] * clips) / 1000 / floor
     print(f"  {'decode + audio + sha256 + write, the required work':52s} {required:8.2f} {required / decode:6.2f}x")
-    print(f"crops / floor with the required work alone, perfectly parallel, after the serial discovery: {bound:.2f}x")
-
 
 if __name__ == "__main__":
     main()
